@@ -1,0 +1,1 @@
+"""mirror-actors: supervised QUIC links that keep a database mirror connected to its sources."""

@@ -1,0 +1,472 @@
+"""The frame codec of PROTOCOL.md sections 2 and 3, sans-I/O.
+
+``encode_frame`` turns a frame object into bytes; ``FrameDecoder`` turns a
+stream's bytes, fed in arbitrary pieces, back into frame objects.  Nothing here
+touches a socket, a thread or a clock.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from enum import IntEnum
+from typing import Any, ClassVar, Final, TypeAlias
+
+import msgpack
+from attrs import field, frozen
+
+from .errors import ErrorCode, MalformedFrame
+
+PROTOCOL_VERSION: Final = 1
+ALPN: Final = "mirror/1"
+NO_SNAPSHOT: Final = 2**64 - 1
+HEADER: Final = struct.Struct(">BI")
+HEADER_SIZE: Final = HEADER.size
+HANDSHAKE_MAX_PAYLOAD: Final = 4096
+MAX_PAYLOAD: Final = 1 << 20
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    HELLO_ACK = 0x02
+    SUBSCRIBE = 0x10
+    ENTRIES = 0x11
+    SNAPSHOT_CHUNK = 0x12
+    ACK = 0x13
+    REQUEST_VOTE = 0x20
+    CONF_CHANGE = 0x21
+    PROPOSE = 0x22
+    ERROR = 0x7F
+
+
+VOTER_CLASS_TYPES: Final = frozenset(
+    {FrameType.REQUEST_VOTE, FrameType.CONF_CHANGE, FrameType.PROPOSE}
+)
+_SMALL_FRAME_TYPES: Final = frozenset({FrameType.HELLO, FrameType.HELLO_ACK, FrameType.ERROR})
+
+
+def max_payload(frame_type: int) -> int:
+    """The largest payload PROTOCOL.md section 2 allows for ``frame_type``."""
+    return HANDSHAKE_MAX_PAYLOAD if frame_type in _SMALL_FRAME_TYPES else MAX_PAYLOAD
+
+
+class FrameTooLarge(ValueError):
+    """A frame this side tried to encode exceeds its type's payload limit."""
+
+
+# --- field checking -------------------------------------------------------
+
+_Checker: TypeAlias = Callable[[object], bool]
+
+
+def _unsigned(bits: int) -> _Checker:
+    limit = 1 << bits
+    # bool is an int subclass, but MessagePack true/false is not an integer.
+    return lambda value: type(value) is int and 0 <= value < limit
+
+
+_KINDS: Final[dict[str, _Checker]] = {
+    "str": lambda value: type(value) is str,
+    "bin": lambda value: type(value) is bytes,
+    "bool": lambda value: type(value) is bool,
+    "u8": _unsigned(8),
+    "u16": _unsigned(16),
+    "u32": _unsigned(32),
+    "u64": _unsigned(64),
+}
+
+_KIND_NAMES: Final = {
+    "str": "a string",
+    "bin": "a byte string (bin)",
+    "bool": "a boolean",
+    "u8": "an integer in 0..2^8-1",
+    "u16": "an integer in 0..2^16-1",
+    "u32": "an integer in 0..2^32-1",
+    "u64": "an integer in 0..2^64-1",
+}
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _take(where: str, payload: Mapping[str, Any], name: str, kind: str) -> Any:
+    if name not in payload:
+        raise MalformedFrame(f"{where} is missing field {name!r}")
+    value = payload[name]
+    if not _KINDS[kind](value):
+        raise MalformedFrame(
+            f"{where} field {name!r} must be {_KIND_NAMES[kind]}, got {_describe(value)}"
+        )
+    return value
+
+
+class _FieldFrame:
+    """A frame whose payload is a flat map of typed fields, declared in FIELDS."""
+
+    TYPE: ClassVar[FrameType]
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]]
+
+    def to_payload(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name, _ in self.FIELDS}
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Any:
+        where = cls.TYPE.name
+        return cls(**{name: _take(where, payload, name, kind) for name, kind in cls.FIELDS})
+
+
+# --- frames -----------------------------------------------------------------
+
+
+@frozen
+class Hello(_FieldFrame):
+    TYPE = FrameType.HELLO
+    FIELDS = (
+        ("source_cluster", "str"),
+        ("source_database_id", "str"),
+        ("last_applied_lsn", "u64"),
+        ("protocol_version", "u16"),
+    )
+    source_cluster: str
+    source_database_id: str
+    last_applied_lsn: int = 0
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@frozen
+class HelloAck(_FieldFrame):
+    TYPE = FrameType.HELLO_ACK
+    FIELDS = (
+        ("accepted", "bool"),
+        ("error_code", "u8"),
+        ("error_detail", "str"),
+        ("source_cluster_id", "str"),
+        ("snapshot_lsn", "u64"),
+        ("snapshot_bytes_total", "u64"),
+    )
+    accepted: bool
+    error_code: int
+    error_detail: str
+    source_cluster_id: str
+    snapshot_lsn: int = NO_SNAPSHOT
+    snapshot_bytes_total: int = 0
+
+    @classmethod
+    def accept(
+        cls, source_cluster_id: str, snapshot_lsn: int = NO_SNAPSHOT, snapshot_bytes_total: int = 0
+    ) -> HelloAck:
+        return cls(
+            True, int(ErrorCode.NONE), "", source_cluster_id, snapshot_lsn, snapshot_bytes_total
+        )
+
+    @classmethod
+    def reject(cls, source_cluster_id: str, code: ErrorCode, detail: str) -> HelloAck:
+        return cls(False, int(code), detail, source_cluster_id, NO_SNAPSHOT, 0)
+
+    @property
+    def has_snapshot(self) -> bool:
+        return self.snapshot_lsn != NO_SNAPSHOT
+
+
+@frozen
+class Subscribe(_FieldFrame):
+    TYPE = FrameType.SUBSCRIBE
+    FIELDS = (("from_lsn", "u64"),)
+    from_lsn: int
+
+    @property
+    def first_lsn(self) -> int:
+        """The first LSN wanted: PROTOCOL.md reads 0 as 1."""
+        return max(1, self.from_lsn)
+
+
+@frozen
+class Entry:
+    lsn: int
+    term: int
+    data: bytes
+
+
+def _entry_tuple(entries: Iterable[Entry]) -> tuple[Entry, ...]:
+    return tuple(entries)
+
+
+@frozen
+class Entries:
+    TYPE: ClassVar[FrameType] = FrameType.ENTRIES
+    entries: tuple[Entry, ...] = field(converter=_entry_tuple)
+
+    @property
+    def first_lsn(self) -> int:
+        return self.entries[0].lsn
+
+    @property
+    def last_lsn(self) -> int:
+        return self.entries[-1].lsn
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"entries": [{"lsn": e.lsn, "term": e.term, "data": e.data} for e in self.entries]}
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Entries:
+        items = payload.get("entries")
+        if items is None:
+            raise MalformedFrame("ENTRIES is missing field 'entries'")
+        if type(items) is not list:
+            raise MalformedFrame(
+                f"ENTRIES field 'entries' must be an array, got {_describe(items)}"
+            )
+        if not items:
+            raise MalformedFrame("ENTRIES must carry at least one entry")
+        entries = []
+        for index, item in enumerate(items):
+            where = f"ENTRIES entry {index}"
+            if type(item) is not dict:
+                raise MalformedFrame(f"{where} must be a map, got {_describe(item)}")
+            entries.append(
+                Entry(
+                    _take(where, item, "lsn", "u64"),
+                    _take(where, item, "term", "u64"),
+                    _take(where, item, "data", "bin"),
+                )
+            )
+        first = entries[0].lsn
+        for offset, entry in enumerate(entries):
+            if entry.lsn != first + offset:
+                raise MalformedFrame(
+                    f"ENTRIES LSNs must be contiguous and increasing: entry {offset} has LSN "
+                    f"{entry.lsn}, expected {first + offset}"
+                )
+        return cls(entries)
+
+
+@frozen
+class SnapshotChunk(_FieldFrame):
+    TYPE = FrameType.SNAPSHOT_CHUNK
+    FIELDS = (
+        ("source_cluster_id", "str"),
+        ("source_database_id", "str"),
+        ("snapshot_lsn", "u64"),
+        ("total_bytes", "u64"),
+        ("total_crc32c", "u32"),
+        ("offset", "u64"),
+        ("data", "bin"),
+        ("done", "bool"),
+    )
+    source_cluster_id: str
+    source_database_id: str
+    snapshot_lsn: int
+    total_bytes: int
+    total_crc32c: int
+    offset: int
+    data: bytes
+    done: bool
+
+
+@frozen
+class Ack(_FieldFrame):
+    TYPE = FrameType.ACK
+    FIELDS = (("applied_lsn", "u64"), ("bytes", "u64"))
+    applied_lsn: int
+    bytes: int
+
+
+@frozen
+class Error(_FieldFrame):
+    TYPE = FrameType.ERROR
+    FIELDS = (("code", "u8"), ("detail", "str"))
+    code: int
+    detail: str
+
+
+@frozen
+class _VoterFrame:
+    """A voter-class frame: any map. A mirror never sends one; receiving one is OBSERVER_ONLY."""
+
+    TYPE: ClassVar[FrameType]
+    body: Mapping[str, Any] = field(factory=dict, hash=False)
+
+    def to_payload(self) -> dict[str, Any]:
+        return dict(self.body)
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Any:
+        return cls(payload)
+
+
+@frozen
+class RequestVote(_VoterFrame):
+    TYPE = FrameType.REQUEST_VOTE
+
+
+@frozen
+class ConfChange(_VoterFrame):
+    TYPE = FrameType.CONF_CHANGE
+
+
+@frozen
+class Propose(_VoterFrame):
+    TYPE = FrameType.PROPOSE
+
+
+Frame: TypeAlias = (
+    Hello
+    | HelloAck
+    | Subscribe
+    | Entries
+    | SnapshotChunk
+    | Ack
+    | Error
+    | RequestVote
+    | ConfChange
+    | Propose
+)
+
+_FRAME_CLASSES: Final[dict[int, Any]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        HelloAck,
+        Subscribe,
+        Entries,
+        SnapshotChunk,
+        Ack,
+        Error,
+        RequestVote,
+        ConfChange,
+        Propose,
+    )
+}
+
+
+def is_voter_class(frame: Frame) -> bool:
+    return frame.TYPE in VOTER_CLASS_TYPES
+
+
+# --- encoding ---------------------------------------------------------------
+
+
+def encode_payload(frame: Frame) -> bytes:
+    return msgpack.packb(frame.to_payload(), use_bin_type=True)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The wire bytes of one frame: type, big-endian length, MessagePack map."""
+    payload = encode_payload(frame)
+    limit = max_payload(frame.TYPE)
+    if len(payload) > limit:
+        raise FrameTooLarge(
+            f"{frame.TYPE.name} payload is {len(payload)} bytes; the protocol allows {limit}"
+        )
+    return HEADER.pack(frame.TYPE, len(payload)) + payload
+
+
+def encoded_size(frame: Frame) -> int:
+    return HEADER_SIZE + len(encode_payload(frame))
+
+
+# --- decoding ---------------------------------------------------------------
+
+
+def decode_payload(frame_type: int, payload: bytes) -> Frame:
+    """Decode one frame's payload, raising only ``MalformedFrame``."""
+    cls = _FRAME_CLASSES.get(frame_type)
+    name = cls.TYPE.name if cls is not None else f"0x{frame_type:02x}"
+    if cls is None:
+        raise MalformedFrame(f"unknown frame type 0x{frame_type:02x}")
+    try:
+        value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except msgpack.ExtraData:
+        raise MalformedFrame(f"{name} payload has trailing bytes after the map") from None
+    except Exception as error:  # msgpack signals bad input with many exception types
+        raise MalformedFrame(f"{name} payload is not valid MessagePack: {error}") from None
+    if type(value) is not dict:
+        raise MalformedFrame(f"{name} payload must be a map, got {_describe(value)}")
+    for key in value:
+        if type(key) is not str:
+            raise MalformedFrame(f"{name} payload keys must be strings, got {_describe(key)}")
+    frame: Frame = cls.from_payload(value)
+    return frame
+
+
+class FrameDecoder:
+    """Incremental decoder for one stream: ``feed(data) -> [frames]``.
+
+    The length limit is checked as soon as a header is complete, before any of
+    the payload is kept.  After a ``MalformedFrame`` the decoder stays broken:
+    the stream it reads is to be closed.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._failure: MalformedFrame | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a frame not yet complete."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._failure is not None:
+            raise MalformedFrame(f"stream already broken: {self._failure.detail}")
+        try:
+            return self._feed(data)
+        except MalformedFrame as error:
+            self._fail(error)
+            raise
+        except Exception as error:  # a decoder must never leak another exception type
+            failure = MalformedFrame(f"undecodable input: {type(error).__name__}: {error}")
+            self._fail(failure)
+            raise failure from None
+
+    def eof(self) -> None:
+        """The stream ended: a partial frame left in the buffer is malformed."""
+        if self._failure is None and self._buffer:
+            failure = MalformedFrame(
+                f"stream ended inside a frame ({len(self._buffer)} bytes of it received)"
+            )
+            self._fail(failure)
+            raise failure
+
+    def _fail(self, error: MalformedFrame) -> None:
+        self._failure = error
+        self._buffer = bytearray()
+
+    def _feed(self, data: bytes) -> list[Frame]:
+        buffer = self._buffer
+        buffer += data
+        frames: list[Frame] = []
+        position = 0
+        available = len(buffer)
+        while available - position >= HEADER_SIZE:
+            frame_type, length = HEADER.unpack_from(buffer, position)
+            self._check_header(frame_type, length)
+            end = position + HEADER_SIZE + length
+            if end > available:
+                break
+            frames.append(decode_payload(frame_type, bytes(buffer[position + HEADER_SIZE : end])))
+            position = end
+        if 0 < available - position < HEADER_SIZE:
+            # Reject an unknown type as soon as its byte arrives.
+            self._check_type(buffer[position])
+        if position:
+            del buffer[:position]
+        return frames
+
+    @staticmethod
+    def _check_type(frame_type: int) -> None:
+        if frame_type not in _FRAME_CLASSES:
+            raise MalformedFrame(f"unknown frame type 0x{frame_type:02x}")
+
+    @classmethod
+    def _check_header(cls, frame_type: int, length: int) -> None:
+        cls._check_type(frame_type)
+        limit = max_payload(frame_type)
+        if length > limit:
+            raise MalformedFrame(
+                f"{FrameType(frame_type).name} length {length} exceeds the limit of {limit} bytes"
+            )

@@ -1,0 +1,393 @@
+"""The source side of one mirror connection (PROTOCOL.md section 5), sans-I/O.
+
+``SourceSession`` takes stream events in and hands back actions (bytes to send
+on a stream, a stream to abort, the connection to close).  The QUIC shell in
+``source_server`` carries the actions out; everything the protocol decides is
+here and testable without a socket.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeAlias
+
+from attrs import define, field, frozen
+from loguru import logger
+
+from .errors import ErrorCode, MalformedFrame
+from .protocol import (
+    MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+    Ack,
+    Entries,
+    Error,
+    FrameDecoder,
+    Hello,
+    HelloAck,
+    SnapshotChunk,
+    Subscribe,
+    encode_frame,
+    is_voter_class,
+)
+from .store import DatabaseLog, Snapshot, SourceStore
+
+DEFAULT_FLOW_CONTROL_CAP = 64 * 1024 * 1024
+DEFAULT_SNAPSHOT_CHUNK = 256 * 1024
+DEFAULT_BATCH_BYTES = 256 * 1024
+DEFAULT_MAX_SUBSCRIPTIONS = 64
+HANDSHAKE_STREAM_ID = 0
+
+
+@frozen
+class SendData:
+    stream_id: int
+    data: bytes
+    end_stream: bool = False
+
+
+@frozen
+class AbortStream:
+    """Stop reading a stream the peer opened (STOP_SENDING)."""
+
+    stream_id: int
+    code: int
+
+
+@frozen
+class CloseConnection:
+    """Close with ``code`` once what was sent on ``after_streams`` has been delivered."""
+
+    code: int
+    reason: str
+    after_streams: tuple[int, ...] = ()
+
+
+Action: TypeAlias = SendData | AbortStream | CloseConnection
+
+
+@frozen
+class SourceSettings:
+    """Tunables of a source's mirror listener."""
+
+    flow_control_cap: int = DEFAULT_FLOW_CONTROL_CAP
+    snapshot_chunk_size: int = DEFAULT_SNAPSHOT_CHUNK
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    batch_max_entries: int = 4096
+    max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS
+
+    def __attrs_post_init__(self) -> None:
+        if self.flow_control_cap <= 0:
+            raise ValueError("flow_control_cap must be positive")
+        if not 0 < self.snapshot_chunk_size <= MAX_PAYLOAD - 512:
+            raise ValueError(f"snapshot_chunk_size must be in 1..{MAX_PAYLOAD - 512}")
+        if self.batch_bytes <= 0 or self.batch_max_entries <= 0:
+            raise ValueError("batch_bytes and batch_max_entries must be positive")
+
+    @property
+    def resume_threshold(self) -> int:
+        return self.flow_control_cap * 3 // 4
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """Peer-chosen text quoted in a reply must keep the reply under its 4096-byte limit."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class SessionState(enum.Enum):
+    AWAITING_HELLO = "awaiting-hello"
+    ESTABLISHED = "established"
+    CLOSING = "closing"
+
+
+@define
+class Subscription:
+    """One replication stream: a snapshot in progress, then the log from ``next_lsn``."""
+
+    stream_id: int
+    next_lsn: int
+    snapshot: Snapshot | None = None
+    snapshot_offset: int = 0
+    applied_lsn: int = 0
+
+
+@define
+class _Stream:
+    decoder: FrameDecoder = field(factory=FrameDecoder)
+    subscription: Subscription | None = None
+
+
+class SourceSession:
+    """Protocol state of one mirror connection on the source side."""
+
+    def __init__(
+        self,
+        cluster_id: str,
+        store: SourceStore,
+        settings: SourceSettings | None = None,
+        peer: str = "",
+    ) -> None:
+        self.cluster_id = cluster_id
+        self.store = store
+        self.settings = settings or SourceSettings()
+        self.state = SessionState.AWAITING_HELLO
+        self.database: DatabaseLog | None = None
+        self.in_flight = 0
+        self.paused = False
+        self.bytes_sent = 0
+        self._streams: dict[int, _Stream] = {}
+        # Streams refused or abandoned: late data on them is dropped, never answered.
+        self._ignored_streams: set[int] = set()
+        self._log = logger.bind(peer=peer, cluster=cluster_id, database=None)
+
+    # -- inputs ------------------------------------------------------------
+
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> list[Action]:
+        if self.state is SessionState.CLOSING:
+            return []
+        if stream_id in self._ignored_streams:
+            return []
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if stream_id % 4 != 0:
+                return self._malformed(None, "mirrors may open bidirectional streams only")
+            if self.state is SessionState.AWAITING_HELLO and stream_id != HANDSHAKE_STREAM_ID:
+                return self._malformed(stream_id, "a stream was opened before the HELLO_ACK")
+            if self._subscription_count() >= self.settings.max_subscriptions:
+                return self._refuse_stream(stream_id)
+            stream = self._streams[stream_id] = _Stream()
+        try:
+            frames = stream.decoder.feed(data) if data else []
+            if end_stream:
+                stream.decoder.eof()
+        except MalformedFrame as error:
+            return self._malformed(stream_id, error.detail)
+        actions: list[Action] = []
+        for frame in frames:
+            if is_voter_class(frame):
+                return self._reject_voter(stream_id, frame.TYPE.name)
+            if stream_id == HANDSHAKE_STREAM_ID:
+                actions += self._handshake_frame(frame, len(frames))
+            else:
+                actions += self._replication_frame(stream_id, stream, frame)
+            if self.closing:
+                return actions
+        return actions + self.pump()
+
+    def stream_reset(self, stream_id: int) -> list[Action]:
+        """The mirror abandoned a stream (RESET_STREAM or STOP_SENDING): stop serving it."""
+        stream = self._streams.pop(stream_id, None)
+        self._ignored_streams.add(stream_id)
+        if stream is not None and stream.subscription is not None:
+            self._log.debug("mirror cancelled the subscription on stream {}", stream_id)
+        return []
+
+    def pump(self) -> list[Action]:
+        """Send what flow control allows: snapshot chunks, then entries, round-robin by stream."""
+        if self.state is not SessionState.ESTABLISHED or self.database is None:
+            return []
+        pending: dict[int, list[bytes]] = {}
+        progressed = True
+        while progressed and not self._blocked():
+            progressed = False
+            for stream_id, stream in self._streams.items():
+                if stream.subscription is None or self._blocked():
+                    continue
+                frame = self._next_frame(stream.subscription)
+                if frame is None:
+                    continue
+                encoded = encode_frame(frame)
+                self.in_flight += len(encoded) - 5
+                self.bytes_sent += len(encoded)
+                pending.setdefault(stream_id, []).append(encoded)
+                progressed = True
+        return [SendData(stream_id, b"".join(chunks)) for stream_id, chunks in pending.items()]
+
+    @property
+    def closing(self) -> bool:
+        return self.state is SessionState.CLOSING
+
+    def shutdown(self) -> list[Action]:
+        if self.state is SessionState.CLOSING:
+            return []
+        self.state = SessionState.CLOSING
+        return [CloseConnection(ErrorCode.SOURCE_SHUTDOWN, "source shutting down")]
+
+    # -- handshake ---------------------------------------------------------
+
+    def _handshake_frame(self, frame: object, frames_in_batch: int) -> list[Action]:
+        if self.state is not SessionState.AWAITING_HELLO:
+            return self._malformed(HANDSHAKE_STREAM_ID, "data on the handshake stream after HELLO")
+        if not isinstance(frame, Hello):
+            return self._malformed(
+                HANDSHAKE_STREAM_ID, f"expected HELLO first, got {type(frame).__name__}"
+            )
+        if frames_in_batch > 1:
+            return self._malformed(HANDSHAKE_STREAM_ID, "more than one frame before the HELLO_ACK")
+        return self._hello(frame)
+
+    def _hello(self, hello: Hello) -> list[Action]:
+        rejection = self._check_hello(hello)
+        if rejection is not None:
+            code, detail = rejection
+            self.state = SessionState.CLOSING
+            self._log.warning("rejected mirror handshake: {} ({})", code.name, detail)
+            ack = HelloAck.reject(self.cluster_id, code, detail)
+            return [
+                SendData(HANDSHAKE_STREAM_ID, encode_frame(ack), end_stream=True),
+                CloseConnection(code, detail, after_streams=(HANDSHAKE_STREAM_ID,)),
+            ]
+        database = self.store[hello.source_database_id]
+        self.database = database
+        self.state = SessionState.ESTABLISHED
+        self._log = self._log.bind(database=database.database_id)
+        snapshot = database.snapshot
+        if snapshot is not None and database.needs_snapshot(hello.last_applied_lsn + 1):
+            ack = HelloAck.accept(self.cluster_id, snapshot.lsn, snapshot.size)
+        else:
+            ack = HelloAck.accept(self.cluster_id)
+        self._log.info(
+            "mirror handshake accepted (last applied LSN {}, snapshot {})",
+            hello.last_applied_lsn,
+            "none" if not ack.has_snapshot else f"at LSN {ack.snapshot_lsn}",
+        )
+        return [SendData(HANDSHAKE_STREAM_ID, encode_frame(ack), end_stream=True)]
+
+    def _check_hello(self, hello: Hello) -> tuple[ErrorCode, str] | None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return (
+                ErrorCode.BAD_VERSION,
+                f"protocol version {hello.protocol_version} is not supported; "
+                f"this source speaks version {PROTOCOL_VERSION}",
+            )
+        if hello.source_cluster != self.cluster_id:
+            return (
+                ErrorCode.CLUSTER_ID,
+                f"this source is cluster {self.cluster_id!r}, not {_clip(hello.source_cluster)!r}",
+            )
+        if self.store.get(hello.source_database_id) is None:
+            return (
+                ErrorCode.UNKNOWN_DATABASE,
+                f"cluster {self.cluster_id!r} holds no database {_clip(hello.source_database_id)!r}",
+            )
+        return None
+
+    # -- replication -------------------------------------------------------
+
+    def _replication_frame(self, stream_id: int, stream: _Stream, frame: object) -> list[Action]:
+        if isinstance(frame, Subscribe):
+            if stream.subscription is not None:
+                return self._malformed(stream_id, "a second SUBSCRIBE on the same stream")
+            return self._subscribe(stream_id, stream, frame)
+        if stream.subscription is None:
+            return self._malformed(
+                stream_id,
+                f"a replication stream must start with SUBSCRIBE, got {type(frame).__name__}",
+            )
+        if isinstance(frame, Ack):
+            self.in_flight = max(0, self.in_flight - frame.bytes)
+            stream.subscription.applied_lsn = max(
+                stream.subscription.applied_lsn, frame.applied_lsn
+            )
+            return []
+        return self._malformed(stream_id, f"{type(frame).__name__} is not sent by a mirror")
+
+    def _subscribe(self, stream_id: int, stream: _Stream, subscribe: Subscribe) -> list[Action]:
+        assert self.database is not None
+        subscription = Subscription(stream_id, subscribe.first_lsn)
+        self._start_snapshot_if_needed(subscription)
+        stream.subscription = subscription
+        self._log.info("mirror subscribed from LSN {} on stream {}", subscribe.first_lsn, stream_id)
+        return []
+
+    def _start_snapshot_if_needed(self, subscription: Subscription) -> None:
+        # Also re-checked while tailing: a compaction can overtake a slow subscriber,
+        # which then gets the new snapshot on the same stream before more entries.
+        assert self.database is not None
+        if self.database.needs_snapshot(subscription.next_lsn):
+            snapshot = self.database.snapshot
+            assert snapshot is not None
+            subscription.snapshot = snapshot
+            subscription.snapshot_offset = 0
+
+    def _next_frame(self, subscription: Subscription) -> SnapshotChunk | Entries | None:
+        assert self.database is not None
+        if subscription.snapshot is None:
+            self._start_snapshot_if_needed(subscription)
+        snapshot = subscription.snapshot
+        if snapshot is not None:
+            start = subscription.snapshot_offset
+            data = snapshot.data[start : start + self.settings.snapshot_chunk_size]
+            done = start + len(data) >= snapshot.size
+            subscription.snapshot_offset = start + len(data)
+            if done:
+                subscription.snapshot = None
+                subscription.next_lsn = snapshot.lsn + 1
+            return SnapshotChunk(
+                self.cluster_id,
+                self.database.database_id,
+                snapshot.lsn,
+                snapshot.size,
+                snapshot.crc32c,
+                start,
+                data,
+                done,
+            )
+        try:
+            batch = self.database.read(
+                subscription.next_lsn, self.settings.batch_max_entries, self.settings.batch_bytes
+            )
+        except LookupError:
+            return None
+        if not batch:
+            return None
+        subscription.next_lsn = batch[-1].lsn + 1
+        return Entries(batch)
+
+    # -- flow control and errors ------------------------------------------
+
+    def _blocked(self) -> bool:
+        if self.paused and self.in_flight <= self.settings.resume_threshold:
+            self.paused = False
+        elif not self.paused and self.in_flight >= self.settings.flow_control_cap:
+            self.paused = True
+        return self.paused
+
+    def _subscription_count(self) -> int:
+        return sum(1 for s in self._streams.values() if s.subscription is not None)
+
+    def _refuse_stream(self, stream_id: int) -> list[Action]:
+        detail = f"too many replication streams on one connection (limit {self.settings.max_subscriptions})"
+        self._log.warning("refused stream {}: {}", stream_id, detail)
+        self._ignored_streams.add(stream_id)
+        return [
+            SendData(
+                stream_id, encode_frame(Error(int(ErrorCode.MALFORMED), detail)), end_stream=True
+            ),
+            AbortStream(stream_id, int(ErrorCode.MALFORMED)),
+        ]
+
+    def _reject_voter(self, stream_id: int, frame_name: str) -> list[Action]:
+        detail = f"{frame_name} is a voter-class frame; a mirror is an observer"
+        self._log.warning("observer role violation on stream {}: {}", stream_id, detail)
+        return self._close_with_error(stream_id, ErrorCode.OBSERVER_ONLY, detail)
+
+    def _malformed(self, stream_id: int | None, detail: str) -> list[Action]:
+        self._log.warning("malformed input from mirror: {}", detail)
+        return self._close_with_error(stream_id, ErrorCode.MALFORMED, detail)
+
+    def _close_with_error(
+        self, stream_id: int | None, code: ErrorCode, detail: str
+    ) -> list[Action]:
+        self.state = SessionState.CLOSING
+        if stream_id is None:
+            return [CloseConnection(code, detail)]
+        error = encode_frame(Error(int(code), detail[:1000]))
+        return [
+            SendData(stream_id, error, end_stream=True),
+            CloseConnection(code, detail, after_streams=(stream_id,)),
+        ]
+
+    # -- introspection -----------------------------------------------------
+
+    def subscriptions(self) -> list[Subscription]:
+        return [s.subscription for s in self._streams.values() if s.subscription is not None]

@@ -1,0 +1,48 @@
+"""Suite-wide fixtures: every test must leave no actor, thread or event loop behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pykka
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+LEAK_GRACE_SECONDS = 5.0
+
+
+def _live_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves actors or threads running after it returns.
+
+    Threads get a grace period to finish (they may be joining); the wait is on
+    their own termination, not a fixed sleep.
+    """
+    before = _live_threads()
+    yield
+    leaked_actors = pykka.ActorRegistry.get_all()
+    if leaked_actors:
+        pykka.ActorRegistry.stop_all()
+        pytest.fail(f"test left live actors behind: {leaked_actors}")
+    deadline = time.monotonic() + LEAK_GRACE_SECONDS
+    extra = _live_threads() - before
+    for thread in extra:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    still = {t for t in _live_threads() - before if t.is_alive()}
+    gc.collect()
+    if still:
+        pytest.fail(f"test left threads behind: {sorted(t.name for t in still)}")
