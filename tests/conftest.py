@@ -12,6 +12,8 @@ import pykka
 import pytest
 from hypothesis import HealthCheck, settings
 
+from mirror_actors.pki import DevPki, generate_dev_pki
+
 settings.register_profile(
     "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -46,3 +48,9 @@ def no_leaks() -> Iterator[None]:
     gc.collect()
     if still:
         pytest.fail(f"test left threads behind: {sorted(t.name for t in still)}")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    """Dev certificates for the clusters the tests use, made once per run."""
+    return generate_dev_pki(tmp_path_factory.mktemp("pki"), ["us-east", "eu-west"])
