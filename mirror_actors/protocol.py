@@ -411,6 +411,10 @@ class FrameDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[Frame]:
+        return [frame for frame, _ in self.feed_with_sizes(data)]
+
+    def feed_with_sizes(self, data: bytes) -> list[tuple[Frame, int]]:
+        """Like ``feed``, pairing each frame with its payload length (what ACK ``bytes`` counts)."""
         if self._failure is not None:
             raise MalformedFrame(f"stream already broken: {self._failure.detail}")
         try:
@@ -436,10 +440,10 @@ class FrameDecoder:
         self._failure = error
         self._buffer = bytearray()
 
-    def _feed(self, data: bytes) -> list[Frame]:
+    def _feed(self, data: bytes) -> list[tuple[Frame, int]]:
         buffer = self._buffer
         buffer += data
-        frames: list[Frame] = []
+        frames: list[tuple[Frame, int]] = []
         position = 0
         available = len(buffer)
         while available - position >= HEADER_SIZE:
@@ -448,7 +452,8 @@ class FrameDecoder:
             end = position + HEADER_SIZE + length
             if end > available:
                 break
-            frames.append(decode_payload(frame_type, bytes(buffer[position + HEADER_SIZE : end])))
+            payload = bytes(buffer[position + HEADER_SIZE : end])
+            frames.append((decode_payload(frame_type, payload), length))
             position = end
         if 0 < available - position < HEADER_SIZE:
             # Reject an unknown type as soon as its byte arrives.

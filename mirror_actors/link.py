@@ -1,0 +1,334 @@
+"""``SourceLink``: one source link (cluster + database) as a supervised pykka actor.
+
+The actor owns the link's state and answers its mailbox; the QUIC work runs on
+the process's QUIC loop thread and comes back as messages.  The actor never
+waits for the loop, so a ``Disconnect`` can always cancel a dial in progress.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+from attrs import frozen
+from loguru import logger
+
+from supervisors import ExponentialBackoff, SupervisedActor
+from supervisors.backoff import JitterKind
+
+from .deferred import DeferredReplies, reply, reply_error
+from .errors import LinkNotConnected, MirrorError, MirrorPromoted, TransportError
+from .link_config import LinkConfig
+from .link_connection import LinkConnection
+from .link_state import LinkLifecycle, LinkState, LinkStatus
+from .protocol import HelloAck
+from .quic_loop import QuicLoop
+from .stream import LinkStream
+
+# -- the mailbox ----------------------------------------------------------------
+
+
+@frozen
+class Connect:
+    """Dial and handshake; answers the accepted HELLO_ACK or raises the typed error.
+
+    ``last_applied_lsn`` None keeps the LSN the link last recorded.
+    """
+
+    last_applied_lsn: int | None = None
+
+
+@frozen
+class Disconnect:
+    """Close the connection (or cancel a dial); a supervisor will not bring it back."""
+
+
+@frozen
+class OpenStream:
+    """Answers a ``LinkStream``; fails at once with ``LinkNotConnected`` when not connected."""
+
+
+@frozen
+class Promote:
+    """The mirror was promoted: disconnect for good; later ``Connect`` raises ``MirrorPromoted``."""
+
+
+@frozen
+class GetStatus:
+    """Answers a ``LinkStatus``."""
+
+
+@frozen
+class _DialFinished:
+    generation: int
+    connection: LinkConnection
+    ack: HelloAck | None
+    error: MirrorError | None
+
+
+@frozen
+class _ConnectionLost:
+    generation: int
+    error: MirrorError
+
+
+def link_strategy(
+    *,
+    base: float = 0.5,
+    factor: float = 2.0,
+    max_delay: float = 30.0,
+    jitter: float = 0.25,
+    jitter_kind: JitterKind = JitterKind.UNIFORM,
+    **kwargs: Any,
+) -> ExponentialBackoff:
+    """The default strategy for links: 0.5 s doubling to 30 s, ±25 % jitter, hard errors escalate.
+
+    Other keywords (``reset_after``, ``max_restarts``, ``within``, ``random``,
+    ``escalate_on``, ``scope``) go to ``ExponentialBackoff``.
+    """
+    return ExponentialBackoff(
+        base=base,
+        factor=factor,
+        max_delay=max_delay,
+        jitter=jitter,
+        jitter_kind=jitter_kind,
+        **kwargs,
+    )
+
+
+class SourceLink(DeferredReplies, SupervisedActor):
+    """The mirror side of PROTOCOL.md for one source database.
+
+    Supervised (``parent`` given), it connects as soon as it starts and reports
+    every failure to its supervisor, which restarts it in place after the
+    backoff delay.  Standalone, it waits for ``Connect``.
+    """
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        *,
+        parent: pykka.ActorRef[Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(parent=parent)
+        self.config = config
+        self._clock = clock
+        self._lifecycle = LinkLifecycle()
+        self._log = logger.bind(
+            cluster=config.source_cluster_id, database=config.source_database_id
+        )
+        self._quic_loop: QuicLoop | None = None
+        self._generation = 0
+        self._connection: LinkConnection | None = None
+        self._dial: concurrent.futures.Future[HelloAck] | None = None
+        self._ack: HelloAck | None = None
+        self._waiters: list[pykka.Future[Any]] = []
+        self._wanted = parent is not None
+        self._promoted = False
+        self.last_applied_lsn = 0
+        # Traffic of connections already gone, so the status counts the link's whole life.
+        self._bytes_in_before = 0
+        self._bytes_out_before = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._quic_loop = QuicLoop.acquire()
+        self._log.debug("link started ({})", "supervised" if self.supervised else "standalone")
+        if self._wanted:
+            self._start_dial()
+
+    def on_stop(self) -> None:
+        self._shut("link stopped")
+
+    def _before_abnormal_exit(self) -> None:
+        self._shut("link crashed")
+
+    def on_restart(self) -> None:
+        if self._wanted and not self._promoted and self._lifecycle.state is LinkState.DISCONNECTED:
+            self._log.info("reconnecting (attempt {})", self._lifecycle.attempts + 1)
+            self._start_dial()
+
+    def _shut(self, why: str) -> None:
+        self._cancel(LinkNotConnected(why))
+        self._lifecycle.closed()
+        if self._quic_loop is not None:
+            self._quic_loop = None
+            QuicLoop.release()
+
+    # -- messages -------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Connect(last_applied_lsn=lsn):
+                return self._connect(lsn)
+            case Disconnect():
+                self._wanted = False
+                self._cancel(LinkNotConnected("cancelled by Disconnect"))
+                return None
+            case OpenStream():
+                return self._open_stream()
+            case Promote():
+                self._promoted = True
+                self._wanted = False
+                self._cancel(MirrorPromoted("the link closed on promotion"))
+                self._lifecycle.closed()
+                self._log.warning("mirror promoted: link closed for good")
+                return None
+            case GetStatus():
+                return self.status()
+            case _DialFinished():
+                self._dial_finished(message)
+                return None
+            case _ConnectionLost():
+                self._connection_lost(message)
+                return None
+        return super().on_receive(message)
+
+    def status(self) -> LinkStatus:
+        connection = self._connection
+        lifecycle = self._lifecycle
+        return LinkStatus(
+            name=self.config.name,
+            state=lifecycle.state,
+            connected_since=lifecycle.connected_since,
+            attempts=lifecycle.attempts,
+            consecutive_failures=lifecycle.consecutive_failures,
+            last_error=lifecycle.last_error,
+            bytes_in=self._bytes_in_before + (connection.bytes_in if connection else 0),
+            bytes_out=self._bytes_out_before + (connection.bytes_out if connection else 0),
+            last_applied_lsn=self.last_applied_lsn,
+            snapshot_lsn=self._ack.snapshot_lsn if self._ack and self._ack.has_snapshot else None,
+        )
+
+    def _connect(self, last_applied_lsn: int | None) -> Any:
+        if self._promoted:
+            raise MirrorPromoted("Connect refused")
+        if last_applied_lsn is not None:
+            self.last_applied_lsn = last_applied_lsn
+        self._wanted = True
+        if self._lifecycle.state is LinkState.CONNECTED:
+            return self._ack
+        waiter = self.defer_reply()
+        if waiter is not None:
+            self._waiters.append(waiter)
+        if self._lifecycle.state is LinkState.DISCONNECTED:
+            self._start_dial()
+        return None
+
+    def _open_stream(self) -> LinkStream:
+        connection = self._connection
+        if self._lifecycle.state is not LinkState.CONNECTED or connection is None:
+            raise LinkNotConnected(f"{self.config.name} is {self._lifecycle.state.value}")
+        stream = LinkStream(connection, on_applied=self._record_applied)
+        connection.submit_open_stream(stream)
+        return stream
+
+    def _record_applied(self, lsn: int) -> None:
+        # Called from whatever thread acks; an int store is atomic, and the
+        # next reconnect only needs the latest value.
+        self.last_applied_lsn = max(self.last_applied_lsn, lsn)
+
+    # -- dialing --------------------------------------------------------------------
+
+    def _start_dial(self) -> None:
+        assert self._quic_loop is not None
+        self._generation += 1
+        generation = self._generation
+        self._lifecycle.dial_started()
+        me = self.actor_ref
+        connection = LinkConnection(
+            self.config,
+            self._quic_loop,
+            on_lost=lambda error: _tell(me, _ConnectionLost(generation, error)),
+        )
+        self._connection = connection
+        self._log.info(
+            "dialing {} (last applied LSN {})", self.config.target, self.last_applied_lsn
+        )
+        dial = self._quic_loop.submit(connection.open(self.last_applied_lsn))
+        self._dial = dial
+
+        def finished(future: concurrent.futures.Future[HelloAck]) -> None:
+            # Runs on the loop thread: hand the outcome to the actor, never wait here.
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is None:
+                _tell(me, _DialFinished(generation, connection, future.result(), None))
+            else:
+                if not isinstance(error, MirrorError):
+                    error = TransportError(f"dial failed: {type(error).__name__}: {error}")
+                _tell(me, _DialFinished(generation, connection, None, error))
+
+        dial.add_done_callback(finished)
+
+    def _dial_finished(self, result: _DialFinished) -> None:
+        if result.generation != self._generation:
+            # A Disconnect overtook this dial: whatever it opened goes.
+            result.connection.submit_close()
+            return
+        self._dial = None
+        if result.ack is not None:
+            self._ack = result.ack
+            self._lifecycle.dial_succeeded(self._clock())
+            self._log.info("connected to {}", self.config.target)
+            for waiter in self._take_waiters():
+                reply(waiter, result.ack)
+            return
+        assert result.error is not None
+        self._forget_connection()
+        self._failed(result.error, during_dial=True)
+
+    def _connection_lost(self, lost: _ConnectionLost) -> None:
+        if lost.generation != self._generation or self._lifecycle.state is not LinkState.CONNECTED:
+            return
+        self._forget_connection()
+        self._failed(lost.error, during_dial=False)
+
+    def _failed(self, error: MirrorError, *, during_dial: bool) -> None:
+        self._lifecycle.failed(error)
+        what = "dial failed" if during_dial else "connection lost"
+        if error.hard:
+            self._log.error("{}: {} (hard: not retried)", what, error)
+        else:
+            self._log.warning("{}: {}", what, error)
+        for waiter in self._take_waiters():
+            reply_error(waiter, error)
+        if self.supervised and self._wanted:
+            self.report_failure(error)
+
+    def _cancel(self, error: MirrorError) -> None:
+        """End any dial or connection on purpose; waiters get ``error``."""
+        self._generation += 1
+        if self._dial is not None:
+            self._dial.cancel()
+            self._dial = None
+        if self._connection is not None:
+            self._connection.submit_close()
+            self._forget_connection()
+        self._ack = None
+        self._lifecycle.disconnected()
+        for waiter in self._take_waiters():
+            reply_error(waiter, error)
+
+    def _forget_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._bytes_in_before += connection.bytes_in
+            self._bytes_out_before += connection.bytes_out
+
+    def _take_waiters(self) -> list[pykka.Future[Any]]:
+        waiters, self._waiters = self._waiters, []
+        return waiters
+
+
+def _tell(ref: pykka.ActorRef[Any], message: object) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass  # the link stopped meanwhile; nobody is left to care

@@ -1,0 +1,133 @@
+"""A replication stream handle that any thread may use.
+
+Sending hands bytes to the QUIC loop thread; receiving reads frames that the
+loop thread decoded into a queue.  The handle never touches aioquic itself.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from .errors import LinkNotConnected, MirrorError, ObserverRoleViolation
+from .protocol import Ack, Frame, encode_frame, is_voter_class
+
+if TYPE_CHECKING:
+    from .link_connection import LinkConnection
+
+
+class StreamClosed(MirrorError):
+    """This stream was closed by its user; open a new one."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("stream closed" + (f": {detail}" if detail else ""))
+
+
+class LinkStream:
+    """One bidirectional stream of a connected link.
+
+    ``send`` refuses voter-class frames (a mirror is an observer); ``recv``
+    raises the typed error that ended the stream or the connection; ``ack``
+    acknowledges what was received so far, so the source's flow control moves.
+    """
+
+    def __init__(
+        self, connection: LinkConnection, on_applied: Callable[[int], None] | None = None
+    ) -> None:
+        self._connection = connection
+        self._on_applied = on_applied
+        self._inbox: queue.Queue[tuple[Frame, int] | MirrorError] = queue.Queue()
+        self._opened = threading.Event()
+        self._stream_id: int | None = None
+        self._unacked_bytes = 0
+        self._error: MirrorError | None = None
+        self._failure: MirrorError | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def stream_id(self) -> int:
+        """The QUIC stream id, known once the loop thread has opened the stream."""
+        if not self._opened.wait(5.0):
+            raise LinkNotConnected("the stream was never opened")
+        assert self._stream_id is not None
+        return self._stream_id
+
+    @property
+    def unacked_bytes(self) -> int:
+        """Payload bytes of ENTRIES/SNAPSHOT_CHUNK frames received and not yet acknowledged."""
+        return self._unacked_bytes
+
+    def send(self, frame: Frame) -> None:
+        if is_voter_class(frame):
+            raise ObserverRoleViolation(f"refused to send {frame.TYPE.name}")
+        self._check_open()
+        self._connection.submit_send(self, encode_frame(frame))
+
+    def recv(self, timeout: float | None = None) -> Frame:
+        """The next frame from the source; ``TimeoutError`` if none came within ``timeout``."""
+        if self._error is not None:
+            raise self._error
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no frame within {timeout} s") from None
+        if isinstance(item, MirrorError):
+            self._error = item
+            raise item
+        frame, payload_bytes = item
+        with self._lock:
+            self._unacked_bytes += payload_bytes
+        return frame
+
+    def frames(self, timeout: float | None = None) -> Iterator[Frame]:
+        """Frames until the stream ends with an error (which is raised)."""
+        while True:
+            yield self.recv(timeout)
+
+    def ack(self, applied_lsn: int) -> None:
+        """Send an ACK for everything received so far, and record ``applied_lsn``."""
+        with self._lock:
+            consumed, self._unacked_bytes = self._unacked_bytes, 0
+        self.send(Ack(applied_lsn, consumed))
+        if self._on_applied is not None:
+            self._on_applied(applied_lsn)
+
+    def close(self) -> None:
+        """Finish this side of the stream and stop reading it."""
+        if not self._closed:
+            self._closed = True
+            self._connection.submit_close_stream(self)
+
+    def __enter__(self) -> LinkStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- called on the loop thread ------------------------------------------------
+
+    def _opened_as(self, stream_id: int) -> None:
+        self._stream_id = stream_id
+        self._opened.set()
+
+    def _deliver(self, frame: Frame, payload_bytes: int) -> None:
+        self._inbox.put((frame, payload_bytes))
+
+    def _fail(self, error: MirrorError) -> None:
+        if self._failure is not None:
+            return
+        self._failure = error
+        self._inbox.put(error)
+        self._opened.set()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosed()
+        if self._failure is not None:
+            raise self._failure
+
+    def __repr__(self) -> str:
+        return f"LinkStream(stream_id={self._stream_id}, closed={self._closed})"

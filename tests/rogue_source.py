@@ -1,0 +1,95 @@
+"""A scripted source that says whatever a test wants: for answers SourceServer never gives.
+
+It speaks real QUIC and TLS; only its replies are scripted.  ``on_hello`` gets
+the decoded HELLO and returns the raw bytes to send back on stream 0 (sent
+with FIN); ``on_subscribe`` gets each SUBSCRIBE and returns the raw bytes to send
+on that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+
+from mirror_actors.protocol import ALPN, FrameDecoder, Hello, HelloAck, Subscribe, encode_frame
+
+
+def accept(cluster: str) -> Callable[[Hello], bytes]:
+    return lambda hello: encode_frame(HelloAck.accept(cluster))
+
+
+class _Rogue(QuicConnectionProtocol):
+    def __init__(self, *args: Any, source: RogueSource, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = source
+        self.decoders: dict[int, FrameDecoder] = {}
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if not isinstance(event, events.StreamDataReceived):
+            return
+        decoder = self.decoders.setdefault(event.stream_id, FrameDecoder())
+        for frame in decoder.feed(event.data):
+            self.source.received.append(frame)
+            if isinstance(frame, Hello):
+                self._quic.send_stream_data(event.stream_id, self.source.on_hello(frame), True)
+            elif isinstance(frame, Subscribe) and self.source.on_subscribe is not None:
+                self._quic.send_stream_data(event.stream_id, self.source.on_subscribe(frame))
+        self.transmit()
+
+
+class RogueSource:
+    def __init__(
+        self,
+        certfile: str,
+        keyfile: str,
+        on_hello: Callable[[Hello], bytes],
+        on_subscribe: Callable[[Subscribe], bytes] | None = None,
+    ) -> None:
+        self.on_hello = on_hello
+        self.on_subscribe = on_subscribe
+        self.received: list[Any] = []
+        self._configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+        self._configuration.load_cert_chain(certfile, keyfile)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="rogue-source", daemon=True)
+        self._server: QuicServer | None = None
+        self.port = 0
+
+    def _run(self, started: concurrent.futures.Future[int]) -> None:
+        loop = self._loop
+        try:
+            self._server = loop.run_until_complete(
+                serve(
+                    "127.0.0.1",
+                    0,
+                    configuration=self._configuration,
+                    create_protocol=lambda *a, **k: _Rogue(*a, source=self, **k),
+                )
+            )
+            assert self._server._transport is not None
+            started.set_result(self._server._transport.get_extra_info("sockname")[1])
+            loop.run_forever()
+        finally:
+            if self._server is not None:
+                self._server.close()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+    def __enter__(self) -> RogueSource:
+        started: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="rogue-source")
+        self._thread.start()
+        self.port = started.result(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

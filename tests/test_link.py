@@ -1,0 +1,508 @@
+"""SourceLink against real sources on loopback: connect, streams, errors, supervision."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+
+from mirror_actors import (
+    ClusterIdMismatch,
+    Entries,
+    HandshakeTimeout,
+    LinkNotConnected,
+    MirrorPromoted,
+    ObserverRoleViolation,
+    ProtocolVersionMismatch,
+    RequestVote,
+    Subscribe,
+    TlsVerificationError,
+    TransportError,
+    UnknownDatabase,
+)
+from mirror_actors.link import (
+    Connect,
+    Disconnect,
+    GetStatus,
+    OpenStream,
+    Promote,
+    SourceLink,
+    link_strategy,
+)
+from mirror_actors.link_config import LinkConfig
+from mirror_actors.link_state import LinkState, LinkStatus
+from mirror_actors.pki import CertificateAuthority, DevPki, write_pair
+from mirror_actors.protocol import Hello, HelloAck, encode_frame
+from mirror_actors.quic_loop import QuicLoop
+from mirror_actors.source_server import SourceServer
+from mirror_actors.store import SourceStore
+from mirror_actors.testing import UdpProxy
+from supervisors import ChildSpec, ChildState, EscalationEvent, GetChild, Supervisor, WhichChildren
+from supervisors.testing import ManualClock
+from tests.rogue_source import RogueSource, accept
+
+CLUSTER = "us-east"
+WAIT = 5.0
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = WAIT, what: str = "condition"
+) -> None:
+    """Poll a condition until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.005)
+
+
+def source_server(pki: DevPki, **kwargs: Any) -> SourceServer:
+    pair = pki.source(CLUSTER)
+    return SourceServer(
+        kwargs.pop("cluster_id", CLUSTER),
+        kwargs.pop("databases", ("orders",)),
+        certfile=str(pair.cert),
+        keyfile=str(pair.key),
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def source(pki: DevPki) -> Iterator[SourceServer]:
+    with source_server(pki) as server:
+        yield server
+
+
+def config_for(pki: DevPki, port: int, **kwargs: Any) -> LinkConfig:
+    options: dict[str, Any] = {"ca_file": str(pki.ca.cert), "port": port, "handshake_timeout": 2.0}
+    options.update(kwargs)
+    return LinkConfig(options.pop("cluster", CLUSTER), options.pop("database", "orders"), **options)
+
+
+@pytest.fixture
+def standalone(pki: DevPki, source: SourceServer) -> Iterator[pykka.ActorRef[Any]]:
+    link = SourceLink.start(config_for(pki, source.port))
+    yield link
+    link.stop()
+
+
+def status(link: pykka.ActorRef[Any]) -> LinkStatus:
+    result: LinkStatus = link.ask(GetStatus())
+    return result
+
+
+class Escalations:
+    def __init__(self) -> None:
+        self.events: list[EscalationEvent] = []
+        self.arrived = threading.Event()
+
+    def __call__(self, event: EscalationEvent) -> None:
+        self.events.append(event)
+        self.arrived.set()
+
+
+def supervise(config: LinkConfig, clock: Any = None, **strategy: Any) -> tuple[Any, Escalations]:
+    escalations = Escalations()
+    supervisor = Supervisor.start(
+        strategy=link_strategy(random=random.Random(7), **strategy),
+        children=[ChildSpec("link", lambda parent: SourceLink.start(config, parent=parent))],
+        clock=clock,
+        on_escalation=escalations,
+    )
+    return supervisor, escalations
+
+
+# -- standalone -----------------------------------------------------------------------
+
+
+def test_connect_answers_the_accepted_ack(standalone: Any) -> None:
+    ack = standalone.ask(Connect(last_applied_lsn=0))
+    assert ack.accepted and ack.source_cluster_id == CLUSTER
+    assert standalone.ask(Connect()) == ack, "connecting a connected link answers the current ack"
+    current = status(standalone)
+    assert current.state is LinkState.CONNECTED
+    assert current.attempts == 1 and current.connected_since is not None
+    assert current.bytes_in > 0 and current.bytes_out > 0
+
+
+def test_a_standalone_link_waits_for_connect(standalone: Any) -> None:
+    assert status(standalone).state is LinkState.DISCONNECTED
+
+
+def test_open_stream_subscribe_receive_and_ack(standalone: Any, source: SourceServer) -> None:
+    for i in range(1, 11):
+        source.append("orders", b"entry %d" % i)
+    standalone.ask(Connect())
+    with standalone.ask(OpenStream()) as stream:
+        stream.send(Subscribe(1))
+        received: list[Any] = []
+        while len(received) < 10:
+            frame = stream.recv(timeout=WAIT)
+            assert isinstance(frame, Entries)
+            received.extend(frame.entries)
+        stream.ack(received[-1].lsn)
+        wait_until(
+            lambda: source.connections()[0].subscriptions[0][1] == 10, what="ACK at the source"
+        )
+        assert source.connections()[0].in_flight == 0
+        source.append("orders", b"tail")
+        tail = stream.recv(timeout=WAIT)
+        assert isinstance(tail, Entries) and tail.entries[0].data == b"tail"
+    assert [e.data for e in received] == [b"entry %d" % i for i in range(1, 11)]
+    assert status(standalone).last_applied_lsn == 10
+
+
+def test_streams_are_usable_from_other_threads(standalone: Any, source: SourceServer) -> None:
+    standalone.ask(Connect())
+    results: list[Any] = []
+
+    def follow() -> None:
+        stream = standalone.ask(OpenStream())
+        stream.send(Subscribe(1))
+        results.append(stream.recv(timeout=WAIT))
+        stream.close()
+
+    threads = [threading.Thread(target=follow) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    source.append("orders", b"shared")
+    for thread in threads:
+        thread.join(WAIT)
+    assert [r.entries[0].data for r in results] == [b"shared"] * 4
+
+
+def test_open_stream_on_a_link_that_is_not_connected_fails_at_once(standalone: Any) -> None:
+    with pytest.raises(LinkNotConnected, match="send Connect first"):
+        standalone.ask(OpenStream())
+
+
+def test_the_stream_refuses_voter_class_frames(standalone: Any, source: SourceServer) -> None:
+    standalone.ask(Connect())
+    stream = standalone.ask(OpenStream())
+    with pytest.raises(ObserverRoleViolation) as raised:
+        stream.send(RequestVote({"term": 1}))
+    assert raised.value.hard
+    assert source.connections()[0].state == "established", "nothing reached the source"
+
+
+def test_a_dead_port_fails_in_about_the_handshake_timeout(pki: DevPki) -> None:
+    link = SourceLink.start(config_for(pki, port=9, handshake_timeout=0.3))
+    try:
+        started = time.monotonic()
+        with pytest.raises(HandshakeTimeout, match="0.3 s"):
+            link.ask(Connect())
+        assert 0.25 <= time.monotonic() - started < 1.5
+        assert not HandshakeTimeout.hard
+    finally:
+        link.stop()
+
+
+def test_disconnect_cancels_a_dial_in_progress(pki: DevPki, source: SourceServer) -> None:
+    with UdpProxy(source.port) as proxy:
+        proxy.block()
+        link = SourceLink.start(config_for(pki, proxy.port, handshake_timeout=30.0))
+        try:
+            pending = link.ask(Connect(), block=False)
+            wait_until(lambda: status(link).state is LinkState.CONNECTING)
+            started = time.monotonic()
+            link.ask(Disconnect())
+            with pytest.raises(LinkNotConnected, match="cancelled by Disconnect"):
+                pending.get(timeout=WAIT)
+            assert time.monotonic() - started < 0.5
+            assert status(link).state is LinkState.DISCONNECTED
+            proxy.unblock()
+            assert link.ask(Connect()).accepted, "the link still works after a cancelled dial"
+        finally:
+            link.stop()
+
+
+def test_a_closing_source_is_noticed_at_once(standalone: Any, source: SourceServer) -> None:
+    standalone.ask(Connect())
+    stream = standalone.ask(OpenStream())
+    started = time.monotonic()
+    source.stop()
+    wait_until(lambda: status(standalone).state is LinkState.DISCONNECTED)
+    assert time.monotonic() - started < 0.5
+    error = status(standalone).last_error
+    assert type(error).__name__ == "SourceShutdown" and not error.hard
+    with pytest.raises(type(error)):
+        stream.recv(timeout=WAIT)
+
+
+def test_a_silent_source_is_noticed_within_the_idle_timeout(
+    pki: DevPki, source: SourceServer
+) -> None:
+    with UdpProxy(source.port) as proxy:
+        link = SourceLink.start(
+            config_for(pki, proxy.port, idle_timeout=1.0, keepalive_interval=0.2)
+        )
+        try:
+            link.ask(Connect())
+            started = time.monotonic()
+            proxy.block()
+            wait_until(lambda: status(link).state is LinkState.DISCONNECTED, timeout=3.0)
+            elapsed = time.monotonic() - started
+            error = status(link).last_error
+        finally:
+            link.stop()
+    assert isinstance(error, TransportError) and "silent" in str(error)
+    assert 0.8 <= elapsed <= 1.1 + 0.1
+
+
+def test_promote_disconnects_for_good(standalone: Any) -> None:
+    standalone.ask(Connect())
+    standalone.ask(Promote())
+    assert status(standalone).state is LinkState.CLOSED
+    with pytest.raises(MirrorPromoted) as raised:
+        standalone.ask(Connect())
+    assert raised.value.hard
+
+
+def test_connect_remembers_the_last_applied_lsn(pki: DevPki) -> None:
+    pair = pki.source(CLUSTER)
+    with RogueSource(str(pair.cert), str(pair.key), accept(CLUSTER)) as rogue:
+        link = SourceLink.start(config_for(pki, rogue.port))
+        try:
+            link.ask(Connect(last_applied_lsn=7))
+            link.ask(Disconnect())
+            link.ask(Connect())
+        finally:
+            link.stop()
+    hellos = [f for f in rogue.received if isinstance(f, Hello)]
+    assert [h.last_applied_lsn for h in hellos] == [7, 7]
+
+
+# -- errors, standalone: what a user reads ------------------------------------------------
+
+
+def test_cluster_id_mismatch_says_which_id_was_expected_and_which_answered(
+    pki: DevPki, source: SourceServer
+) -> None:
+    # TLS passes (server name us-east), but the HELLO names eu-west.
+    link = SourceLink.start(config_for(pki, source.port, cluster="eu-west", server_name=CLUSTER))
+    try:
+        with pytest.raises(ClusterIdMismatch) as raised:
+            link.ask(Connect())
+    finally:
+        link.stop()
+    assert raised.value.expected == "eu-west" and raised.value.actual == CLUSTER
+    assert "'eu-west'" in str(raised.value) and "'us-east'" in str(raised.value)
+
+
+def test_an_accepting_ack_naming_another_cluster_is_refused(pki: DevPki) -> None:
+    pair = pki.source(CLUSTER)
+    with RogueSource(str(pair.cert), str(pair.key), accept("eu-west")) as rogue:
+        link = SourceLink.start(config_for(pki, rogue.port))
+        try:
+            with pytest.raises(ClusterIdMismatch, match="names another cluster") as raised:
+                link.ask(Connect())
+        finally:
+            link.stop()
+    assert (raised.value.expected, raised.value.actual) == (CLUSTER, "eu-west")
+
+
+def test_a_garbage_ack_is_malformed_and_transient(pki: DevPki) -> None:
+    pair = pki.source(CLUSTER)
+    with RogueSource(
+        str(pair.cert), str(pair.key), lambda hello: b"\x02\x00\x00\x00\x01\xc0"
+    ) as rogue:
+        link = SourceLink.start(config_for(pki, rogue.port))
+        try:
+            with pytest.raises(Exception, match="must be a map") as raised:
+                link.ask(Connect())
+        finally:
+            link.stop()
+    assert type(raised.value).__name__ == "MalformedFrame" and not raised.value.hard
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error_type", "words"),
+    [
+        ({"server_name": "eu-west"}, TlsVerificationError, "does not name the cluster id"),
+        ({"ca_file": "stranger"}, TlsVerificationError, "check ca_file"),
+        ({"protocol_version": 2}, ProtocolVersionMismatch, "version 2"),
+        ({"database": "nope"}, UnknownDatabase, "'nope'"),
+    ],
+)
+def test_configuration_errors_are_hard_and_say_what_to_fix(
+    pki: DevPki,
+    source: SourceServer,
+    tmp_path: Path,
+    overrides: dict[str, Any],
+    error_type: type,
+    words: str,
+) -> None:
+    if overrides.get("ca_file") == "stranger":
+        stranger = CertificateAuthority.create(common_name="someone else's CA")
+        overrides["ca_file"] = str(stranger.write(tmp_path / "ca.pem", tmp_path / "ca.key").cert)
+    link = SourceLink.start(config_for(pki, source.port, **overrides))
+    try:
+        with pytest.raises(error_type) as raised:
+            link.ask(Connect())
+    finally:
+        link.stop()
+    assert raised.value.hard
+    assert words in str(raised.value)
+
+
+def test_mutual_tls(pki: DevPki) -> None:
+    with source_server(pki, client_ca_file=str(pki.ca.cert)) as source:
+        with_cert = config_for(
+            pki,
+            source.port,
+            client_cert_file=str(pki.mirror.cert),
+            client_key_file=str(pki.mirror.key),
+        )
+        good = SourceLink.start(with_cert)
+        bad = SourceLink.start(config_for(pki, source.port))
+        try:
+            assert good.ask(Connect()).accepted
+            with pytest.raises(TlsVerificationError, match="client_cert_file"):
+                bad.ask(Connect())
+        finally:
+            good.stop()
+            bad.stop()
+
+
+# -- supervised ------------------------------------------------------------------------------
+
+
+def test_a_supervised_link_connects_by_itself(pki: DevPki, source: SourceServer) -> None:
+    supervisor, escalations = supervise(config_for(pki, source.port))
+    try:
+        link = supervisor.ask(GetChild("link"))
+        wait_until(lambda: status(link).state is LinkState.CONNECTED)
+    finally:
+        supervisor.stop()
+    assert not escalations.events
+
+
+@pytest.mark.parametrize(
+    ("overrides", "root_cause"),
+    [
+        ({"cluster": "eu-west", "server_name": CLUSTER}, ClusterIdMismatch),
+        ({"server_name": "eu-west"}, TlsVerificationError),
+        ({"protocol_version": 3}, ProtocolVersionMismatch),
+        ({"database": "nope"}, UnknownDatabase),
+    ],
+)
+def test_hard_errors_escalate_to_the_root_after_exactly_one_handshake(
+    pki: DevPki, source: SourceServer, overrides: dict[str, Any], root_cause: type
+) -> None:
+    clock = ManualClock()
+    supervisor, escalations = supervise(config_for(pki, source.port, **overrides), clock=clock)
+    try:
+        assert escalations.arrived.wait(WAIT)
+        clock.advance(3600)  # no retry is pending, however long we wait
+        (child,) = supervisor.ask(WhichChildren())
+    finally:
+        supervisor.stop()
+    (event,) = escalations.events
+    assert isinstance(event.root_cause, root_cause)
+    assert child.state is ChildState.FAILED and child.restarts == 0
+    assert clock.pending() == []
+
+
+def test_an_ack_naming_another_cluster_escalates_after_one_handshake(pki: DevPki) -> None:
+    pair = pki.source(CLUSTER)
+    with RogueSource(str(pair.cert), str(pair.key), accept("eu-west")) as rogue:
+        supervisor, escalations = supervise(config_for(pki, rogue.port), clock=ManualClock())
+        try:
+            assert escalations.arrived.wait(WAIT)
+        finally:
+            supervisor.stop()
+    assert isinstance(escalations.events[0].root_cause, ClusterIdMismatch)
+    assert len([f for f in rogue.received if isinstance(f, Hello)]) == 1
+
+
+def test_a_restarting_source_is_reconnected_with_growing_gaps(pki: DevPki) -> None:
+    """The source restarts three times; each time the link comes back by itself."""
+    clock = ManualClock()
+    store = SourceStore(["orders"])
+    server = source_server(pki, store=store).start()
+    port = server.port
+    config = config_for(pki, port, handshake_timeout=0.2)
+    supervisor, escalations = supervise(config, clock=clock)
+    gaps: list[list[float]] = []
+    try:
+        link = supervisor.ask(GetChild("link"))
+        wait_until(lambda: status(link).state is LinkState.CONNECTED)
+        for _ in range(3):
+            server.stop()
+            delays = []
+            # While the source is down every attempt fails and the next waits longer.
+            for _attempt in range(3):
+                wait_until(lambda: bool(clock.pending()), what="a restart timer")
+                delay = clock.pending()[0] - clock.now()
+                delays.append(delay)
+                attempts = status(link).attempts
+                clock.advance(delay)
+                wait_until(lambda a=attempts: status(link).attempts > a, what="a new dial")
+                wait_until(lambda: status(link).state is LinkState.DISCONNECTED, what="dial failed")
+            gaps.append(delays)
+            server = source_server(pki, store=store, port=port).start()
+            wait_until(lambda: bool(clock.pending()), what="a restart timer")
+            clock.advance(clock.pending()[0] - clock.now())
+            wait_until(lambda: status(link).state is LinkState.CONNECTED, what="reconnected")
+            # Stay up long enough for the backoff to reset before the next outage.
+            clock.advance(120)
+    finally:
+        supervisor.stop()
+        server.stop()
+    assert not escalations.events
+    for delays in gaps:
+        nominal = [0.5, 1.0, 2.0]
+        for delay, expected in zip(delays, nominal, strict=True):
+            assert expected * 0.75 <= delay <= expected * 1.25
+        assert delays[0] < delays[1] < delays[2]
+
+
+def test_a_disconnected_link_is_not_brought_back(pki: DevPki, source: SourceServer) -> None:
+    clock = ManualClock()
+    supervisor, escalations = supervise(config_for(pki, source.port), clock=clock)
+    try:
+        link = supervisor.ask(GetChild("link"))
+        wait_until(lambda: status(link).state is LinkState.CONNECTED)
+        link.ask(Disconnect())
+        clock.advance(3600)
+        (child,) = supervisor.ask(WhichChildren())
+        assert status(link).state is LinkState.DISCONNECTED and status(link).attempts == 1
+        assert child.state is ChildState.RUNNING and child.restarts == 0
+    finally:
+        supervisor.stop()
+
+
+# -- resources -----------------------------------------------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_connect_disconnect_cycles_leave_nothing_behind(pki: DevPki, source: SourceServer) -> None:
+    link = SourceLink.start(config_for(pki, source.port))
+    try:
+        link.ask(Connect())
+        link.ask(Disconnect())
+        threads, fds = threading.active_count(), _open_fds()
+        for _ in range(200):
+            link.ask(Connect())
+            link.ask(Disconnect())
+        wait_until(lambda: not source.connections(), what="the source to drop closed connections")
+        assert threading.active_count() <= threads
+        assert _open_fds() <= fds + 2
+    finally:
+        link.stop()
+    assert QuicLoop.users() == 0
+
+
+def test_garbage_ack_payload_bytes_are_exactly_what_was_sent() -> None:
+    # Guards the rogue helper itself: a rejection ack it scripts is a valid frame.
+    assert encode_frame(HelloAck.accept(CLUSTER))[0] == 0x02
