@@ -16,6 +16,17 @@ from .errors import (
     UnknownDatabase,
     error_for_code,
 )
+from .link import (
+    Connect,
+    Disconnect,
+    GetStatus,
+    OpenStream,
+    Promote,
+    SourceLink,
+    link_strategy,
+)
+from .link_config import LinkConfig
+from .link_state import LinkState, LinkStatus
 from .pki import CertificateAuthority, CertKeyPair, DevPki, generate_dev_pki
 from .protocol import (
     ALPN,
@@ -41,6 +52,7 @@ from .protocol import (
 from .source_server import ConnectionInfo, SourceServer
 from .source_session import SourceSession, SourceSettings
 from .store import DatabaseLog, Snapshot, SourceStore, crc32c, decode_snapshot, encode_snapshot
+from .stream import LinkStream, StreamClosed
 
 __all__ = [
     "ALPN",
@@ -51,9 +63,11 @@ __all__ = [
     "CertificateAuthority",
     "ClusterIdMismatch",
     "ConfChange",
+    "Connect",
     "ConnectionInfo",
     "DatabaseLog",
     "DevPki",
+    "Disconnect",
     "Entries",
     "Entry",
     "Error",
@@ -62,24 +76,33 @@ __all__ = [
     "FrameDecoder",
     "FrameTooLarge",
     "FrameType",
+    "GetStatus",
     "HandshakeTimeout",
     "Hello",
     "HelloAck",
+    "LinkConfig",
     "LinkNotConnected",
+    "LinkState",
+    "LinkStatus",
+    "LinkStream",
     "MalformedFrame",
     "MirrorError",
     "MirrorPromoted",
     "ObserverRoleViolation",
+    "OpenStream",
+    "Promote",
     "Propose",
     "ProtocolVersionMismatch",
     "RequestVote",
     "Snapshot",
     "SnapshotChunk",
+    "SourceLink",
     "SourceServer",
     "SourceSession",
     "SourceSettings",
     "SourceShutdown",
     "SourceStore",
+    "StreamClosed",
     "Subscribe",
     "TlsVerificationError",
     "TransportError",
@@ -90,4 +113,5 @@ __all__ = [
     "encode_snapshot",
     "error_for_code",
     "generate_dev_pki",
+    "link_strategy",
 ]

@@ -29,7 +29,7 @@ from .protocol import (
     encode_frame,
     is_voter_class,
 )
-from .store import DatabaseLog, Snapshot, SourceStore
+from .store import ENTRY_FRAME_OVERHEAD, DatabaseLog, Snapshot, SourceStore
 
 DEFAULT_FLOW_CONTROL_CAP = 64 * 1024 * 1024
 DEFAULT_SNAPSHOT_CHUNK = 256 * 1024
@@ -80,8 +80,13 @@ class SourceSettings:
             raise ValueError("flow_control_cap must be positive")
         if not 0 < self.snapshot_chunk_size <= MAX_PAYLOAD - 512:
             raise ValueError(f"snapshot_chunk_size must be in 1..{MAX_PAYLOAD - 512}")
-        if self.batch_bytes <= 0 or self.batch_max_entries <= 0:
-            raise ValueError("batch_bytes and batch_max_entries must be positive")
+        if not 0 < self.batch_bytes <= MAX_PAYLOAD - ENTRY_FRAME_OVERHEAD:
+            raise ValueError(
+                f"batch_bytes must be in 1..{MAX_PAYLOAD - ENTRY_FRAME_OVERHEAD} "
+                "so that a batch fits one ENTRIES frame"
+            )
+        if self.batch_max_entries <= 0:
+            raise ValueError("batch_max_entries must be positive")
 
     @property
     def resume_threshold(self) -> int:
@@ -137,6 +142,9 @@ class SourceSession:
         self._streams: dict[int, _Stream] = {}
         # Streams refused or abandoned: late data on them is dropped, never answered.
         self._ignored_streams: set[int] = set()
+        # Streams whose sending side this source already finished (FIN sent).
+        self._finished_streams: set[int] = set()
+        self._chunk_size = self.settings.snapshot_chunk_size
         self._log = logger.bind(peer=peer, cluster=cluster_id, database=None)
 
     # -- inputs ------------------------------------------------------------
@@ -152,7 +160,7 @@ class SourceSession:
                 return self._malformed(None, "mirrors may open bidirectional streams only")
             if self.state is SessionState.AWAITING_HELLO and stream_id != HANDSHAKE_STREAM_ID:
                 return self._malformed(stream_id, "a stream was opened before the HELLO_ACK")
-            if self._subscription_count() >= self.settings.max_subscriptions:
+            if self._replication_stream_count() >= self.settings.max_subscriptions:
                 return self._refuse_stream(stream_id)
             stream = self._streams[stream_id] = _Stream()
         try:
@@ -240,6 +248,9 @@ class SourceSession:
         self.database = database
         self.state = SessionState.ESTABLISHED
         self._log = self._log.bind(database=database.database_id)
+        # Each chunk repeats both ids; they must fit beside the data in one frame.
+        ids = len(self.cluster_id.encode()) + len(database.database_id.encode())
+        self._chunk_size = min(self.settings.snapshot_chunk_size, MAX_PAYLOAD - 512 - ids)
         snapshot = database.snapshot
         if snapshot is not None and database.needs_snapshot(hello.last_applied_lsn + 1):
             ack = HelloAck.accept(self.cluster_id, snapshot.lsn, snapshot.size)
@@ -250,6 +261,7 @@ class SourceSession:
             hello.last_applied_lsn,
             "none" if not ack.has_snapshot else f"at LSN {ack.snapshot_lsn}",
         )
+        self._finished_streams.add(HANDSHAKE_STREAM_ID)
         return [SendData(HANDSHAKE_STREAM_ID, encode_frame(ack), end_stream=True)]
 
     def _check_hello(self, hello: Hello) -> tuple[ErrorCode, str] | None:
@@ -316,7 +328,7 @@ class SourceSession:
         snapshot = subscription.snapshot
         if snapshot is not None:
             start = subscription.snapshot_offset
-            data = snapshot.data[start : start + self.settings.snapshot_chunk_size]
+            data = snapshot.data[start : start + self._chunk_size]
             done = start + len(data) >= snapshot.size
             subscription.snapshot_offset = start + len(data)
             if done:
@@ -352,8 +364,10 @@ class SourceSession:
             self.paused = True
         return self.paused
 
-    def _subscription_count(self) -> int:
-        return sum(1 for s in self._streams.values() if s.subscription is not None)
+    def _replication_stream_count(self) -> int:
+        # Streams count from their first byte, not their first whole SUBSCRIBE,
+        # or a peer could open many with half a frame each and pass the limit.
+        return sum(1 for stream_id in self._streams if stream_id != HANDSHAKE_STREAM_ID)
 
     def _refuse_stream(self, stream_id: int) -> list[Action]:
         detail = f"too many replication streams on one connection (limit {self.settings.max_subscriptions})"
@@ -379,7 +393,7 @@ class SourceSession:
         self, stream_id: int | None, code: ErrorCode, detail: str
     ) -> list[Action]:
         self.state = SessionState.CLOSING
-        if stream_id is None:
+        if stream_id is None or stream_id in self._finished_streams:
             return [CloseConnection(code, detail)]
         error = encode_frame(Error(int(code), detail[:1000]))
         return [

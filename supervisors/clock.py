@@ -1,0 +1,115 @@
+"""Injectable time: the supervisor never reads the wall clock or sleeps by itself."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from loguru import logger
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None:
+        """Make sure the callback will not run (a no-op if it already ran)."""
+
+
+class Clock(Protocol):
+    """What a supervisor needs from time.
+
+    Callbacks run on whatever thread the clock uses; a supervisor's callbacks only
+    `tell` its own actor, so no supervisor logic ever runs on the timer thread.
+    """
+
+    def now(self) -> float:
+        """Monotonic seconds; only differences matter."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run `callback` once, `delay` seconds from now."""
+
+
+@runtime_checkable
+class ClosableClock(Protocol):
+    def close(self) -> None: ...
+
+
+class _Timer:
+    __slots__ = ("callback", "cancelled", "due")
+
+    def __init__(self, due: float, callback: Callable[[], None]) -> None:
+        self.due = due
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class MonotonicClock:
+    """The real clock: `time.monotonic` and one timer thread for all its timers.
+
+    The thread starts with the first timer and ends with `close()`; a supervisor
+    closes the clock it created itself when it stops.
+    """
+
+    def __init__(self, name: str = "supervisors-timer") -> None:
+        self._name = name
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, _Timer]] = []
+        self._sequence = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        timer = _Timer(time.monotonic() + max(0.0, delay), callback)
+        with self._condition:
+            if self._closed:
+                raise RuntimeError(f"clock {self._name!r} is closed; create a new one")
+            heapq.heappush(self._heap, (timer.due, next(self._sequence), timer))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._condition.notify()
+        return timer
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Drop pending timers and end the timer thread."""
+        with self._condition:
+            self._closed = True
+            self._heap.clear()
+            self._condition.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self) -> MonotonicClock:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closed:
+                    if not self._heap:
+                        self._condition.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._condition.wait(wait)
+                if self._closed:
+                    return
+                _due, _seq, timer = heapq.heappop(self._heap)
+            if not timer.cancelled:
+                try:
+                    timer.callback()
+                except Exception:
+                    logger.exception("timer callback failed")

@@ -1,0 +1,130 @@
+"""Typed errors raised to callers of a supervisor; each message says what to do next."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class SupervisorError(Exception):
+    """Base class of every error the supervisors package raises on purpose."""
+
+
+class ChildNotFound(SupervisorError, LookupError):
+    """A request named a child id the supervisor does not know."""
+
+    def __init__(self, child_id: str, supervisor: str, known: Iterable[str] = ()) -> None:
+        self.child_id = child_id
+        self.supervisor = supervisor
+        known_ids = sorted(known)
+        super().__init__(
+            f"supervisor {supervisor!r} has no child {child_id!r} (known: {known_ids}); "
+            "list children with WhichChildren() or add one with StartChild(spec)"
+        )
+
+
+class DuplicateChild(SupervisorError, ValueError):
+    """StartChild was given a spec whose id is already in use."""
+
+    def __init__(self, child_id: str, supervisor: str) -> None:
+        self.child_id = child_id
+        self.supervisor = supervisor
+        super().__init__(
+            f"supervisor {supervisor!r} already has a child {child_id!r}; "
+            "pick another id or remove it first with StopChild(id, delete=True)"
+        )
+
+
+class StashOverflow(SupervisorError):
+    """A message for a restarting child did not fit in its bounded stash."""
+
+    def __init__(self, child_id: str, limit: int) -> None:
+        self.child_id = child_id
+        self.limit = limit
+        super().__init__(
+            f"child {child_id!r} is restarting and its stash is full ({limit} messages); "
+            "the message was not delivered: retry after the restart or raise "
+            "stash_limit in Supervisor.start(...)"
+        )
+
+
+class ChildUnavailable(SupervisorError):
+    """A message was sent to a child that is stopped for good or failed."""
+
+    def __init__(self, child_id: str, state: str, last_error: BaseException | None) -> None:
+        self.child_id = child_id
+        self.state = state
+        self.last_error = last_error
+        why = f" (last error: {last_error!r})" if last_error is not None else ""
+        super().__init__(
+            f"child {child_id!r} is {state}{why} and will not be restarted by itself; "
+            "bring it back with RestartChild(id)"
+        )
+
+
+class SupervisorStopped(SupervisorError):
+    """The supervisor stopped before it could deliver a stashed message."""
+
+    def __init__(self, supervisor: str, child_id: str) -> None:
+        self.supervisor = supervisor
+        self.child_id = child_id
+        super().__init__(
+            f"supervisor {supervisor!r} stopped while a message for child {child_id!r} "
+            "was waiting for the child's restart; the message was not delivered"
+        )
+
+
+class NormalExit(Exception):
+    """Reported as the error of a permanent child that stopped without failing.
+
+    OTP restarts permanent children whatever the exit reason, so the strategy is
+    consulted with this error to pace the restart like any other.
+    """
+
+    hard = False
+
+    def __init__(self, child_id: str) -> None:
+        self.child_id = child_id
+        super().__init__(f"permanent child {child_id!r} stopped normally")
+
+
+class RestartIntensityExceeded(Exception):
+    """More restarts happened within the window than the strategy allows."""
+
+    hard = False
+
+    def __init__(self, child_id: str, max_restarts: int, within: float) -> None:
+        self.child_id = child_id
+        self.max_restarts = max_restarts
+        self.within = within
+        super().__init__(
+            f"child {child_id!r} failed again after {max_restarts} restarts within "
+            f"{within:g} s; the supervisor gives up and escalates (raise max_restarts or "
+            "within on the strategy if this is expected)"
+        )
+
+
+class EscalatedFailure(Exception):
+    """What a parent supervisor sees when one of its child supervisors escalates.
+
+    `hard` mirrors the root cause so a hard error keeps escalating up the tree.
+    """
+
+    def __init__(self, supervisor: str, child_id: str, cause: BaseException) -> None:
+        self.supervisor = supervisor
+        self.child_id = child_id
+        self.cause = cause
+        self.hard: bool = bool(getattr(cause, "hard", False))
+        super().__init__(f"supervisor {supervisor!r} escalated child {child_id!r}: {cause!r}")
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """Child ids from this supervisor's child down to the child that failed first."""
+        if isinstance(self.cause, EscalatedFailure):
+            return (self.child_id, *self.cause.path)
+        return (self.child_id,)
+
+    @property
+    def root_cause(self) -> BaseException:
+        if isinstance(self.cause, EscalatedFailure):
+            return self.cause.root_cause
+        return self.cause

@@ -1,0 +1,96 @@
+"""Test helpers: a clock that only moves when told to."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+
+from supervisors.clock import TimerHandle
+
+
+class _ManualTimer:
+    __slots__ = ("callback", "cancelled", "due")
+
+    def __init__(self, due: float, callback: Callable[[], None]) -> None:
+        self.due = due
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ManualClock:
+    """A clock for deterministic tests.
+
+    `advance(seconds)` fires every timer due by then, in due order, synchronously
+    in the caller's thread, with `now()` set to each timer's due time while it
+    runs. Supervisor timers only `tell` the supervisor, so after advancing, ask
+    the supervisor something (e.g. `WhichChildren()`) to wait until it handled
+    them; `wait_for_timers` waits until the supervisor has scheduled its next
+    restart. Nothing ever sleeps.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, _ManualTimer]] = []
+        self._sequence = itertools.count()
+
+    def now(self) -> float:
+        with self._condition:
+            return self._now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        with self._condition:
+            timer = _ManualTimer(self._now + max(0.0, delay), callback)
+            heapq.heappush(self._heap, (timer.due, next(self._sequence), timer))
+            self._condition.notify_all()
+        return timer
+
+    def pending(self) -> list[float]:
+        """Due times of the timers not yet fired or cancelled, earliest first."""
+        with self._condition:
+            return sorted(due for due, _seq, timer in self._heap if not timer.cancelled)
+
+    def next_due(self) -> float | None:
+        due = self.pending()
+        return due[0] if due else None
+
+    def wait_for_timers(self, count: int = 1, timeout: float = 5.0) -> list[float]:
+        """Block until at least `count` timers are pending; return their due times."""
+
+        def enough() -> bool:
+            return sum(1 for _d, _s, t in self._heap if not t.cancelled) >= count
+
+        with self._condition:
+            if not self._condition.wait_for(enough, timeout):
+                raise TimeoutError(
+                    f"fewer than {count} timers pending after {timeout} s "
+                    f"(pending: {self.pending()}); did the supervisor get the failure?"
+                )
+        return self.pending()
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"time only moves forward; got advance({seconds})")
+        with self._condition:
+            target = self._now + seconds
+        while True:
+            with self._condition:
+                if not self._heap or self._heap[0][0] > target:
+                    self._now = target
+                    return
+                due, _seq, timer = heapq.heappop(self._heap)
+                self._now = max(self._now, due)
+            if not timer.cancelled:
+                timer.callback()
+
+    def advance_to_next(self, timeout: float = 5.0) -> float:
+        """Wait for a timer, advance exactly to it (firing it); return the delay advanced."""
+        due = self.wait_for_timers(1, timeout)[0]
+        delay = max(0.0, due - self.now())
+        self.advance(delay)
+        return delay
