@@ -216,5 +216,9 @@ def error_for_code(
             )
         case ErrorCode.SOURCE_SHUTDOWN:
             return SourceShutdown(detail)
+        case ErrorCode.NONE:
+            return TransportError(
+                "the source closed the connection" + (f": {detail}" if detail else "")
+            )
         case _:
             return TransportError(f"source closed with unknown code 0x{code:x}: {detail}")

@@ -104,6 +104,11 @@ def _take(where: str, payload: Mapping[str, Any], name: str, kind: str) -> Any:
     return value
 
 
+def _is_int_enum_in(value: object, kind: str) -> bool:
+    # Error codes are IntEnums; on the wire they are plain integers.
+    return isinstance(value, IntEnum) and _KINDS[kind](int(value))
+
+
 class _FieldFrame:
     """A frame whose payload is a flat map of typed fields, declared in FIELDS."""
 
@@ -111,7 +116,16 @@ class _FieldFrame:
     FIELDS: ClassVar[tuple[tuple[str, str], ...]]
 
     def to_payload(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name, _ in self.FIELDS}
+        payload = {name: getattr(self, name) for name, _ in self.FIELDS}
+        for name, kind in self.FIELDS:
+            value = payload[name]
+            if not _KINDS[kind](value) and not (
+                kind.startswith("u") and _is_int_enum_in(value, kind)
+            ):
+                raise ValueError(
+                    f"{self.TYPE.name} field {name!r} must be {_KIND_NAMES[kind]}, got {_describe(value)}"
+                )
+        return payload
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> Any:
@@ -209,6 +223,8 @@ class Entries:
         return self.entries[-1].lsn
 
     def to_payload(self) -> dict[str, Any]:
+        if not self.entries:
+            raise ValueError("ENTRIES must carry at least one entry")
         return {"entries": [{"lsn": e.lsn, "term": e.term, "data": e.data} for e in self.entries]}
 
     @classmethod

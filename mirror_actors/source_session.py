@@ -169,6 +169,13 @@ class SourceSession:
                 stream.decoder.eof()
         except MalformedFrame as error:
             return self._malformed(stream_id, error.detail)
+        if (
+            end_stream
+            and stream_id == HANDSHAKE_STREAM_ID
+            and self.state is SessionState.AWAITING_HELLO
+            and not frames
+        ):
+            return self._malformed(stream_id, "the handshake stream ended without a HELLO")
         actions: list[Action] = []
         for frame in frames:
             if is_voter_class(frame):
