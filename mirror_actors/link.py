@@ -26,7 +26,7 @@ from .link_connection import LinkConnection
 from .link_state import LinkLifecycle, LinkState, LinkStatus
 from .protocol import HelloAck
 from .quic_loop import QuicLoop
-from .stream import LinkStream
+from .stream import LinkStream, StreamListener
 
 # -- the mailbox ----------------------------------------------------------------
 
@@ -48,7 +48,40 @@ class Disconnect:
 
 @frozen
 class OpenStream:
-    """Answers a ``LinkStream``; fails at once with ``LinkNotConnected`` when not connected."""
+    """Answers a ``LinkStream``; fails at once with ``LinkNotConnected`` when not connected.
+
+    With a ``listener`` the stream pushes frames to it (on the QUIC loop thread)
+    instead of queueing them for ``recv``.
+    """
+
+    listener: StreamListener | None = None
+
+
+@frozen
+class FailLink:
+    """The link's user found the source breaking the protocol: drop the connection as failed.
+
+    The connection closes with the error's code and the failure goes to the
+    supervisor like any other (a transient one is retried with backoff).
+    """
+
+    error: MirrorError
+
+
+@frozen
+class LinkUp:
+    """Told to a link's watcher once a connection is established."""
+
+    link: pykka.ActorRef[Any]
+    ack: HelloAck
+
+
+@frozen
+class LinkDown:
+    """Told to a link's watcher when an established or dialing connection ends."""
+
+    link: pykka.ActorRef[Any]
+    error: MirrorError | None
 
 
 @frozen
@@ -112,6 +145,8 @@ class SourceLink(DeferredReplies, SupervisedActor):
         config: LinkConfig,
         *,
         parent: pykka.ActorRef[Any] | None = None,
+        watcher: pykka.ActorRef[Any] | None = None,
+        last_applied_lsn: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(parent=parent)
@@ -129,7 +164,8 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._waiters: list[pykka.Future[Any]] = []
         self._wanted = parent is not None
         self._promoted = False
-        self.last_applied_lsn = 0
+        self._watcher = watcher
+        self.last_applied_lsn = last_applied_lsn
         # Traffic of connections already gone, so the status counts the link's whole life.
         self._bytes_in_before = 0
         self._bytes_out_before = 0
@@ -170,8 +206,11 @@ class SourceLink(DeferredReplies, SupervisedActor):
                 self._wanted = False
                 self._cancel(LinkNotConnected("cancelled by Disconnect"))
                 return None
-            case OpenStream():
-                return self._open_stream()
+            case OpenStream(listener=listener):
+                return self._open_stream(listener)
+            case FailLink(error=error):
+                self._fail_connection(error)
+                return None
             case Promote():
                 self._promoted = True
                 self._wanted = False
@@ -220,11 +259,11 @@ class SourceLink(DeferredReplies, SupervisedActor):
             self._start_dial()
         return None
 
-    def _open_stream(self) -> LinkStream:
+    def _open_stream(self, listener: StreamListener | None) -> LinkStream:
         connection = self._connection
         if self._lifecycle.state is not LinkState.CONNECTED or connection is None:
             raise LinkNotConnected(f"{self.config.name} is {self._lifecycle.state.value}")
-        stream = LinkStream(connection, on_applied=self._record_applied)
+        stream = LinkStream(connection, on_applied=self._record_applied, listener=listener)
         connection.submit_open_stream(stream)
         return stream
 
@@ -279,6 +318,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
             self._log.info("connected to {}", self.config.target)
             for waiter in self._take_waiters():
                 reply(waiter, result.ack)
+            self._notify_watcher(LinkUp(self.actor_ref, result.ack))
             return
         assert result.error is not None
         self._forget_connection()
@@ -290,8 +330,22 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._forget_connection()
         self._failed(lost.error, during_dial=False)
 
+    def _fail_connection(self, error: MirrorError) -> None:
+        if self._lifecycle.state is not LinkState.CONNECTED or self._connection is None:
+            return
+        self._generation += 1  # the close below must not come back as a second loss
+        self._connection.submit_close(int(error.code) if error.code is not None else 0, str(error))
+        self._forget_connection()
+        self._ack = None
+        self._failed(error, during_dial=False)
+
+    def _notify_watcher(self, message: LinkUp | LinkDown) -> None:
+        if self._watcher is not None:
+            _tell(self._watcher, message)
+
     def _failed(self, error: MirrorError, *, during_dial: bool) -> None:
         self._lifecycle.failed(error)
+        self._notify_watcher(LinkDown(self.actor_ref, error))
         what = "dial failed" if during_dial else "connection lost"
         if error.hard:
             self._log.error("{}: {} (hard: not retried)", what, error)
@@ -312,7 +366,10 @@ class SourceLink(DeferredReplies, SupervisedActor):
             self._connection.submit_close()
             self._forget_connection()
         self._ack = None
+        was_up = self._lifecycle.state is LinkState.CONNECTED
         self._lifecycle.disconnected()
+        if was_up:
+            self._notify_watcher(LinkDown(self.actor_ref, None))
         for waiter in self._take_waiters():
             reply_error(waiter, error)
 

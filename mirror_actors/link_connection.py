@@ -177,8 +177,8 @@ class LinkConnection:
     def submit_close_stream(self, stream: LinkStream) -> None:
         self._quic_loop.call_soon(self._close_stream, stream)
 
-    def submit_close(self) -> None:
-        self._quic_loop.call_soon(self.close)
+    def submit_close(self, code: int = int(ErrorCode.NONE), reason: str = "") -> None:
+        self._quic_loop.call_soon(self.close, code, reason[:200])
 
     def _open_stream(self, stream: LinkStream) -> None:
         if self._ended is not None or self._protocol is None:
@@ -355,16 +355,21 @@ class LinkConnection:
         except MalformedFrame as error:
             self._protocol_violation(error)
             return
+        good: list[tuple[Frame, int]] = []
         for frame, payload_size in frames:
             problem = _problem_with(frame)
             if problem is not None:
+                if good:
+                    stream._deliver(good)
                 if isinstance(frame, Error):
                     # The source explains and will close the connection itself.
                     stream._fail(problem)
                     return
                 self._protocol_violation(problem)
                 return
-            stream._deliver(frame, payload_size)
+            good.append((frame, payload_size))
+        if good:
+            stream._deliver(good)
         if end_stream:
             self._streams.pop(stream_id, None)
             stream._fail(TransportError(f"the source finished stream {stream_id}"))

@@ -25,6 +25,11 @@ class StreamClosed(MirrorError):
         super().__init__("stream closed" + (f": {detail}" if detail else ""))
 
 
+StreamListener = Callable[["LinkStream", "list[Frame] | MirrorError"], None]
+"""Called on the QUIC loop thread with each batch of frames, or the error that ended
+the stream; it must not block (tell an actor)."""
+
+
 class LinkStream:
     """One bidirectional stream of a connected link.
 
@@ -34,10 +39,14 @@ class LinkStream:
     """
 
     def __init__(
-        self, connection: LinkConnection, on_applied: Callable[[int], None] | None = None
+        self,
+        connection: LinkConnection,
+        on_applied: Callable[[int], None] | None = None,
+        listener: StreamListener | None = None,
     ) -> None:
         self._connection = connection
         self._on_applied = on_applied
+        self._listener = listener
         self._inbox: queue.Queue[tuple[Frame, int] | MirrorError] = queue.Queue()
         self._opened = threading.Event()
         self._stream_id: int | None = None
@@ -113,14 +122,24 @@ class LinkStream:
         self._stream_id = stream_id
         self._opened.set()
 
-    def _deliver(self, frame: Frame, payload_bytes: int) -> None:
-        self._inbox.put((frame, payload_bytes))
+    def _deliver(self, frames: list[tuple[Frame, int]]) -> None:
+        if self._listener is None:
+            for item in frames:
+                self._inbox.put(item)
+            return
+        # A listener consumes frames as they come: count them as received now.
+        with self._lock:
+            self._unacked_bytes += sum(size for _, size in frames)
+        self._listener(self, [frame for frame, _ in frames])
 
     def _fail(self, error: MirrorError) -> None:
         if self._failure is not None:
             return
         self._failure = error
-        self._inbox.put(error)
+        if self._listener is not None:
+            self._listener(self, error)
+        else:
+            self._inbox.put(error)
         self._opened.set()
 
     def _check_open(self) -> None:

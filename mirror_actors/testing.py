@@ -1,9 +1,24 @@
 """Fault injection for loopback tests: a UDP proxy between mirrors and a source.
 
 Point a link at ``proxy.port`` instead of the source's port; then drop a
-fraction of datagrams, delay or reorder them, cut one direction, or black-hole
-everything (a partition).  Random choices come from a seeded generator, so a
-fault schedule replays the same way.
+fraction of datagrams (in both directions or one), delay them, reorder them
+(delay jitter: a datagram delayed longer is overtaken by the ones after it),
+cut one direction, or black-hole everything for a while (a partition).
+
+Random choices come from generators seeded by ``seed``: one per direction for
+drops and one per direction for delays, so the n-th datagram in a direction is
+dropped or not regardless of what the other direction or the delay settings
+did.  The same seed and the same sequence of datagrams give the same faults, so
+a failing fault schedule can be replayed.
+
+    with UdpProxy(source.port, seed=7) as proxy:
+        link = SourceLink.start(LinkConfig(..., port=proxy.port))
+        proxy.set_drop_rate(0.05)          # lossy, both directions
+        proxy.block()                      # partition
+        proxy.unblock()
+        proxy.block("to_mirror")           # the source's replies vanish
+        proxy.partition(0.5)               # black hole for 0.5 s, then heal itself
+        proxy.heal()                       # a perfect network again
 """
 
 from __future__ import annotations
@@ -12,30 +27,75 @@ import asyncio
 import concurrent.futures
 import random
 import threading
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
-from attrs import define
+from attrs import define, field
 
 Direction = Literal["both", "to_source", "to_mirror"]
+DIRECTIONS: tuple[str, str] = ("to_source", "to_mirror")
 START_TIMEOUT_SECONDS = 5.0
+# Datagrams a mirror sends while its upstream socket is still being opened.
+MAX_EARLY_DATAGRAMS = 64
+
+
+def _directions(direction: Direction) -> tuple[str, ...]:
+    if direction == "both":
+        return DIRECTIONS
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction is 'both', 'to_source' or 'to_mirror', got {direction!r}")
+    return (direction,)
+
+
+def _fraction(rate: float) -> float:
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"drop rate is a fraction in [0, 1], got {rate}")
+    return rate
 
 
 @define
 class ProxyStats:
+    """Datagram counts since start (or ``reset_stats``); ``dropped`` counts every cause."""
+
     forwarded_to_source: int = 0
     forwarded_to_mirror: int = 0
     dropped: int = 0
+    dropped_to_source: int = 0
+    dropped_to_mirror: int = 0
+    blocked: int = 0  # dropped because the direction was blocked (part of ``dropped``)
+    delayed: int = 0  # forwarded later than received
+    peers: int = 0  # distinct mirror addresses seen
+
+    def count(self, direction: str, *, dropped: bool) -> None:
+        if dropped:
+            self.dropped += 1
+            if direction == "to_source":
+                self.dropped_to_source += 1
+            else:
+                self.dropped_to_mirror += 1
+        elif direction == "to_source":
+            self.forwarded_to_source += 1
+        else:
+            self.forwarded_to_mirror += 1
 
 
 @define
 class FaultSettings:
-    """What the proxy does to traffic now; change it with the proxy's methods."""
+    """What the proxy does to traffic now; change it with the proxy's methods.
+
+    ``drop_rate`` applies to both directions; ``drop_rates`` holds per-direction
+    rates that override it.
+    """
 
     drop_rate: float = 0.0
     delay: float = 0.0
     delay_jitter: float = 0.0
     blocked: frozenset[str] = frozenset()
+    drop_rates: dict[str, float] = field(factory=dict)
+
+    def rate(self, direction: str) -> float:
+        return self.drop_rates.get(direction, self.drop_rate)
 
 
 class _Upstream(asyncio.DatagramProtocol):
@@ -45,6 +105,7 @@ class _Upstream(asyncio.DatagramProtocol):
         self.proxy = proxy
         self.client = client
         self.transport: asyncio.DatagramTransport | None = None
+        self.early: list[bytes] = []  # sent by the mirror before the socket was open
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -65,7 +126,13 @@ class _Listener(asyncio.DatagramProtocol):
 
 
 class UdpProxy:
-    """A seeded, fault-injecting UDP forwarder on its own loop thread."""
+    """A seeded, fault-injecting UDP forwarder on its own loop thread.
+
+    Every method may be called from any thread.  ``start()`` returns once the
+    proxy listens (``port`` is then its port); ``stop()`` closes every socket and
+    joins the thread.  Datagrams still waiting out a delay at ``stop()`` are lost,
+    as they would be on a real network.
+    """
 
     def __init__(
         self,
@@ -78,66 +145,121 @@ class UdpProxy:
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.host = host
+        self.seed = seed
         self._requested_port = port
         self.port = 0
         self.faults = FaultSettings()
         self.stats = ProxyStats()
-        self._random = random.Random(seed)
+        self._drop_random = {d: random.Random(f"{seed}/drop/{d}") for d in DIRECTIONS}
+        self._delay_random = {d: random.Random(f"{seed}/delay/{d}") for d in DIRECTIONS}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._listener: asyncio.DatagramTransport | None = None
         self._upstreams: dict[tuple[str, int], _Upstream] = {}
+        self._heal_timer: asyncio.TimerHandle | None = None
 
     # -- faults (any thread) --------------------------------------------------------
 
-    def set_drop_rate(self, rate: float) -> None:
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"drop rate is a fraction in [0, 1], got {rate}")
+    def set_drop_rate(self, rate: float, direction: Direction = "both") -> None:
+        """Drop each datagram in ``direction`` with probability ``rate`` (seeded)."""
+        rate = _fraction(rate)
         with self._lock:
-            self.faults.drop_rate = rate
+            if direction == "both":
+                self.faults.drop_rate = rate
+                self.faults.drop_rates = {}
+            else:
+                (one,) = _directions(direction)
+                self.faults.drop_rates = {**self.faults.drop_rates, one: rate}
 
     def set_delay(self, delay: float, jitter: float = 0.0) -> None:
         """Delay every datagram by ``delay`` plus up to ``jitter`` seconds (jitter reorders)."""
+        if delay < 0 or jitter < 0:
+            raise ValueError(f"delay and jitter are seconds >= 0, got {delay} and {jitter}")
         with self._lock:
             self.faults.delay = delay
             self.faults.delay_jitter = jitter
 
     def block(self, direction: Direction = "both") -> None:
         """Drop everything in ``direction``: both is a partition, one side a one-way cut."""
+        blocked = _directions(direction)
         with self._lock:
-            if direction == "both":
-                self.faults.blocked = frozenset({"to_source", "to_mirror"})
-            else:
-                self.faults.blocked = self.faults.blocked | {direction}
+            self.faults.blocked = self.faults.blocked | set(blocked)
 
-    def unblock(self) -> None:
+    def unblock(self, direction: Direction = "both") -> None:
+        """Let ``direction`` through again (both by default); drop rates and delays stay."""
+        unblocked = _directions(direction)
         with self._lock:
-            self.faults.blocked = frozenset()
+            self.faults.blocked = self.faults.blocked - set(unblocked)
+            self._cancel_heal_timer()
+
+    def partition(self, seconds: float, direction: Direction = "both") -> None:
+        """Block ``direction`` now and unblock it after ``seconds`` (timed on the proxy's loop)."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("start the proxy before scheduling a partition")
+        self.block(direction)
+
+        def schedule() -> None:
+            with self._lock:
+                self._cancel_heal_timer()
+                self._heal_timer = loop.call_later(seconds, self.unblock, direction)
+
+        loop.call_soon_threadsafe(schedule)
 
     def heal(self) -> None:
-        """Back to a perfect network."""
+        """Back to a perfect network: no drops, no delay, nothing blocked."""
         with self._lock:
             self.faults = FaultSettings()
+            self._cancel_heal_timer()
+
+    @property
+    def blocked(self) -> frozenset[str]:
+        with self._lock:
+            return self.faults.blocked
+
+    def reset_stats(self) -> ProxyStats:
+        """Start counting afresh; returns the counts so far."""
+        with self._lock:
+            old, self.stats = self.stats, ProxyStats(peers=self.stats.peers)
+        return old
+
+    def _cancel_heal_timer(self) -> None:
+        # Called with the lock held.
+        if self._heal_timer is not None:
+            self._heal_timer.cancel()
+            self._heal_timer = None
 
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> UdpProxy:
+        if self._thread is not None:
+            return self
         started: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(started,), name="udp-proxy", daemon=True
-        )
-        self._thread.start()
-        self.port = started.result(START_TIMEOUT_SECONDS)
+        thread = threading.Thread(target=self._run, args=(started,), name="udp-proxy", daemon=True)
+        self._thread = thread
+        thread.start()
+        try:
+            self.port = started.result(START_TIMEOUT_SECONDS)
+        except BaseException:
+            thread.join(START_TIMEOUT_SECONDS)
+            self._thread = None
+            raise
         return self
 
     def stop(self) -> None:
+        """Close every socket and join the loop thread (idempotent)."""
         loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+        if thread is None:
             return
-        loop.call_soon_threadsafe(loop.stop)
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:
+                pass  # the loop already closed
         thread.join(START_TIMEOUT_SECONDS)
         self._thread = None
+        self._loop = None
 
     def __enter__(self) -> UdpProxy:
         return self.start()
@@ -168,12 +290,21 @@ class UdpProxy:
             started.set_result(transport.get_extra_info("sockname")[1])
             loop.run_forever()
         finally:
+            with self._lock:
+                self._cancel_heal_timer()
             if self._listener is not None:
                 self._listener.close()
+                self._listener = None
             for upstream in self._upstreams.values():
                 if upstream.transport is not None:
                     upstream.transport.close()
             self._upstreams.clear()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            # One more turn lets the closed transports release their sockets.
             loop.run_until_complete(asyncio.sleep(0))
             loop.close()
 
@@ -181,41 +312,63 @@ class UdpProxy:
         upstream = self._upstreams.get(client)
         if upstream is None:
             upstream = self._upstreams[client] = _Upstream(self, client)
+            self.stats.peers += 1
             assert self._loop is not None
-            self._loop.create_task(self._open_upstream(upstream, data))
-            return
+            self._loop.create_task(self._open_upstream(upstream))
         self._forward(data, "to_source", self._send_to_source, upstream)
 
-    async def _open_upstream(self, upstream: _Upstream, first: bytes) -> None:
+    async def _open_upstream(self, upstream: _Upstream) -> None:
         assert self._loop is not None
-        await self._loop.create_datagram_endpoint(lambda: upstream, remote_addr=self.upstream)
-        self._forward(first, "to_source", self._send_to_source, upstream)
+        try:
+            await self._loop.create_datagram_endpoint(lambda: upstream, remote_addr=self.upstream)
+        except OSError:
+            upstream.early.clear()  # unreachable upstream: as good as dropped
+            return
+        early, upstream.early = upstream.early, []
+        for data in early:
+            self._send_to_source(data, upstream)
 
-    def _forward(self, data: bytes, direction: str, send: Any, target: Any) -> None:
+    def _forward(
+        self,
+        data: bytes,
+        direction: str,
+        send: Callable[[bytes, object], None],
+        target: object,
+    ) -> None:
         with self._lock:
             faults = self.faults
-            dropped = direction in faults.blocked or (
-                faults.drop_rate > 0 and self._random.random() < faults.drop_rate
-            )
-            delay = faults.delay + (
-                self._random.random() * faults.delay_jitter if faults.delay_jitter else 0.0
-            )
+            blocked = direction in faults.blocked
+            rate = faults.rate(direction)
+            # Draw for every datagram, blocked or not, so the n-th datagram's fate
+            # does not depend on when a partition happened to start.
+            draw = self._drop_random[direction].random()
+            dropped = blocked or (rate > 0 and draw < rate)
+            delay = faults.delay
+            if faults.delay_jitter:
+                delay += self._delay_random[direction].random() * faults.delay_jitter
+            stats = self.stats
+            stats.count(direction, dropped=dropped)
+            if blocked:
+                stats.blocked += 1
+            elif delay > 0:
+                stats.delayed += 1
         if dropped:
-            self.stats.dropped += 1
             return
-        if direction == "to_source":
-            self.stats.forwarded_to_source += 1
-        else:
-            self.stats.forwarded_to_mirror += 1
         if delay > 0 and self._loop is not None:
             self._loop.call_later(delay, send, data, target)
         else:
             send(data, target)
 
-    def _send_to_source(self, data: bytes, upstream: _Upstream) -> None:
-        if upstream.transport is not None and not upstream.transport.is_closing():
-            upstream.transport.sendto(data)
+    def _send_to_source(self, data: bytes, upstream: object) -> None:
+        assert isinstance(upstream, _Upstream)
+        transport = upstream.transport
+        if transport is None:
+            if len(upstream.early) < MAX_EARLY_DATAGRAMS:
+                upstream.early.append(data)
+        elif not transport.is_closing():
+            transport.sendto(data)
 
-    def _send_to_mirror(self, data: bytes, client: tuple[str, int]) -> None:
+    def _send_to_mirror(self, data: bytes, client: object) -> None:
+        assert isinstance(client, tuple)
         if self._listener is not None and not self._listener.is_closing():
             self._listener.sendto(data, client)

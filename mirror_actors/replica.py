@@ -1,0 +1,244 @@
+"""``MirrorDatabase``: a local copy of one source database, kept current over its link.
+
+It is the supervisor of its own ``SourceLink`` (so the link's backoff and
+escalation are its strategy's), and the link's watcher: when the link comes up
+it opens a stream, SUBSCRIBEs from ``last_applied_lsn + 1``, commits what
+arrives to its store and ACKs after each commit.  A gap, an out-of-order LSN or
+a broken snapshot fails the link, which then reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import pykka
+from attrs import frozen
+from loguru import logger
+
+from supervisors import ChildSpec, ChildState, ChildStatus, Supervisor, SupervisorStrategy
+
+from .errors import MirrorError
+from .link import FailLink, GetStatus, LinkDown, LinkUp, OpenStream, SourceLink, link_strategy
+from .link_config import LinkConfig
+from .link_state import LinkState, LinkStatus
+from .protocol import Frame, Subscribe
+from .replica_store import MemoryReplicaStore, ReplicaStore
+from .replication import Commit, InstallSnapshot, ReplicationCursor, ReplicationError
+from .stream import LinkStream
+
+LINK_CHILD_ID = "link"
+STATUS_ASK_TIMEOUT = 2.0
+
+
+@frozen
+class GetReplicaStatus:
+    """Answers a ``ReplicaStatus``."""
+
+
+@frozen
+class ReplicaStatus:
+    name: str
+    link: LinkStatus | None
+    supervision: ChildStatus
+    applied_lsn: int
+    highest_seen_lsn: int
+    entries_applied: int
+    snapshots_installed: int
+    replication_errors: int
+
+    @property
+    def state(self) -> str:
+        if self.supervision.state is ChildState.FAILED:
+            return "escalated"
+        if self.supervision.state is ChildState.RESTARTING:
+            return "backing-off"
+        return self.link.state.value if self.link is not None else "starting"
+
+
+@frozen
+class _StreamBatch:
+    generation: int
+    stream: LinkStream
+    batch: list[Frame] | MirrorError
+
+
+class MirrorDatabase(Supervisor):
+    """One mirrored database: a supervised link plus the store it replicates into."""
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        store: ReplicaStore | None = None,
+        *,
+        strategy: SupervisorStrategy | Any = None,
+        parent: pykka.ActorRef[Any] | None = None,
+        clock: Any = None,
+        on_escalation: Any = None,
+        name: str | None = None,
+    ) -> None:
+        self.config = config
+        self.store: ReplicaStore = store if store is not None else MemoryReplicaStore()
+        self._cursor = ReplicationCursor(
+            config.source_cluster_id, config.source_database_id, self.store.last_applied_lsn()
+        )
+        spec = ChildSpec(LINK_CHILD_ID, self._start_link)
+        super().__init__(
+            strategy=strategy if strategy is not None else link_strategy(),
+            children=[spec],
+            clock=clock,
+            on_escalation=on_escalation,
+            parent=parent,
+            name=name or config.name,
+        )
+        self._link: pykka.ActorRef[Any] | None = None
+        self._stream: LinkStream | None = None
+        self._stream_generation = 0
+        self._entries_applied = 0
+        self._snapshots_installed = 0
+        self._replication_errors = 0
+        self._replica_log = logger.bind(
+            cluster=config.source_cluster_id, database=config.source_database_id
+        )
+
+    def _start_link(self, parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
+        # Runs in this actor's thread whenever the link is (re)created.
+        return SourceLink.start(
+            self.config, parent=parent, watcher=parent, last_applied_lsn=self._cursor.applied_lsn
+        )
+
+    def on_stop(self) -> None:
+        super().on_stop()
+        self.store.close()
+
+    def _before_abnormal_exit(self) -> None:
+        super()._before_abnormal_exit()
+        self.store.close()
+
+    # -- messages -------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case _StreamBatch():
+                self._on_batch(message)
+                return None
+            case LinkUp(link=link):
+                self._subscribe(link)
+                return None
+            case LinkDown():
+                self._drop_stream()
+                return None
+            case GetReplicaStatus():
+                return self.replica_status()
+        return super().on_receive(message)
+
+    def replica_status(self) -> ReplicaStatus:
+        record = self._record(LINK_CHILD_ID)
+        supervision = record.status(self.clock.now(), self.strategy.reset_after)
+        link_status: LinkStatus | None = None
+        if supervision.ref is not None:
+            try:
+                link_status = cast(
+                    LinkStatus, supervision.ref.ask(GetStatus(), timeout=STATUS_ASK_TIMEOUT)
+                )
+            except (pykka.ActorDeadError, pykka.Timeout):
+                link_status = None
+        return ReplicaStatus(
+            name=self.config.name,
+            link=link_status,
+            supervision=supervision,
+            applied_lsn=self._cursor.applied_lsn,
+            highest_seen_lsn=self._cursor.highest_seen_lsn,
+            entries_applied=self._entries_applied,
+            snapshots_installed=self._snapshots_installed,
+            replication_errors=self._replication_errors,
+        )
+
+    # -- replication ----------------------------------------------------------------
+
+    def _subscribe(self, link: pykka.ActorRef[Any]) -> None:
+        self._drop_stream()
+        self._link = link
+        generation = self._stream_generation
+        me = self.actor_ref
+
+        def listener(stream: LinkStream, batch: list[Frame] | MirrorError) -> None:
+            # On the QUIC loop thread: only hand the batch over.
+            try:
+                me.tell(_StreamBatch(generation, stream, batch))
+            except pykka.ActorDeadError:
+                pass
+
+        try:
+            stream = cast(
+                LinkStream, link.ask(OpenStream(listener=listener), timeout=STATUS_ASK_TIMEOUT)
+            )
+        except (MirrorError, pykka.ActorDeadError, pykka.Timeout) as error:
+            # The link went down again meanwhile; its LinkDown/LinkUp will follow.
+            self._replica_log.debug("could not open a replication stream: {}", error)
+            return
+        self._cursor.restart()
+        self._stream = stream
+        stream.send(Subscribe(self._cursor.subscribe_from))
+        self._replica_log.info("subscribed from LSN {}", self._cursor.subscribe_from)
+
+    def _drop_stream(self) -> None:
+        self._stream_generation += 1
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    def _on_batch(self, message: _StreamBatch) -> None:
+        if message.generation != self._stream_generation or message.stream is not self._stream:
+            return
+        if isinstance(message.batch, MirrorError):
+            # The connection or stream ended; the link reports that on its own.
+            return
+        commits: list[Commit] = []
+        try:
+            for frame in message.batch:
+                commit = self._cursor.accept(frame)
+                if commit is not None:
+                    commits.append(commit)
+        except ReplicationError as error:
+            self._replication_errors += 1
+            self._replica_log.warning("replication stream rejected: {}", error)
+            self._cursor.restart()
+            self._commit(commits)  # what came before the bad frame is good
+            self._fail_link(error)
+            return
+        self._commit(commits)
+        if commits and self._stream is not None:
+            self._stream.ack(self._cursor.applied_lsn)
+
+    def _commit(self, commits: list[Commit]) -> None:
+        if not commits:
+            return
+        self.store.commit(commits)
+        for commit in commits:
+            self._cursor.committed(commit)
+            if isinstance(commit, InstallSnapshot):
+                self._snapshots_installed += 1
+                self._replica_log.info("installed the snapshot at LSN {}", self._cursor.applied_lsn)
+            else:
+                self._entries_applied += len(commit.entries)
+
+    def _fail_link(self, error: MirrorError) -> None:
+        link = self._link
+        self._drop_stream()
+        if link is not None:
+            try:
+                link.tell(FailLink(error))
+            except pykka.ActorDeadError:
+                pass
+
+
+def wait_for_link_state(replica: pykka.ActorRef[Any], state: LinkState, timeout: float) -> bool:
+    """Poll a replica until its link reaches ``state`` (for scripts and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = cast(ReplicaStatus, replica.ask(GetReplicaStatus()))
+        if status.link is not None and status.link.state is state:
+            return True
+        time.sleep(0.01)
+    return False
