@@ -9,23 +9,35 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
 from .pki import generate_dev_pki
 from .source_server import SourceServer
 
-LOG_FORMAT = (
-    "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-    "<cyan>{extra[cluster]}</cyan>/<cyan>{extra[database]}</cyan> {message}"
-)
+
+def _format(record: Any) -> str:
+    extra = record["extra"]
+    if extra.get("cluster") not in (None, "-"):
+        where = f"{extra['cluster']}/{extra.get('database') or '*'}"
+    elif "supervisor" in extra:
+        where = f"supervisor {extra['supervisor']}" + (
+            f" child {extra['child']}" if "child" in extra else ""
+        )
+    else:
+        where = record["name"]
+    extra["where"] = where
+    return (
+        "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+        "<cyan>{extra[where]}</cyan> {message}\n{exception}"
+    )
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr with each record's cluster and database, as bound by the link or source."""
+    """Log to stderr; each record names its link (cluster/database) or its supervisor."""
     logger.remove()
-    logger.configure(extra={"cluster": "-", "database": "-"})
-    logger.add(sys.stderr, level=level.upper(), format=LOG_FORMAT)
+    logger.add(sys.stderr, level=level.upper(), format=_format)
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -67,6 +79,31 @@ def _source(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .runner import TopologyRun
+    from .status_view import print_summary, watch
+    from .topology import load_topology
+
+    topology = load_topology(args.file)
+    duration = args.duration if args.duration is not None else topology.duration
+    live = sys.stdout.isatty() and not args.json and not args.plain
+    if live or args.json:
+        # The live table (or the JSON) owns stdout; logs would tear it.
+        configure_logging("ERROR" if args.json else "CRITICAL")
+    run = TopologyRun(topology)
+    interrupted = False
+    try:
+        run.start()
+        interrupted = not watch(run, duration, live)
+        summary = run.finish(args.verify_timeout, interrupted=interrupted)
+    except KeyboardInterrupt:
+        summary = run.finish(0.0, interrupted=True)
+    finally:
+        run.stop()
+    print_summary(summary, args.json)
+    return 0 if summary.verified and not summary.interrupted else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mirror-actors", description="Supervised QUIC links from database mirrors to sources."
@@ -96,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=float, default=0.0, help="append this many demo entries per second"
     )
     source.set_defaults(run=_source)
+
+    run = commands.add_parser("run", help="run a topology file: sources, mirrors and faults")
+    run.add_argument("file", help="a topology .toml file (see examples/)")
+    run.add_argument("--duration", type=float, help="seconds to run (default: the file's)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--plain", action="store_true", help="plain log lines, even on a terminal")
+    run.add_argument(
+        "--verify-timeout", type=float, default=30.0, help="seconds to wait for mirrors to catch up"
+    )
+    run.set_defaults(run=_run)
     return parser
 
 
@@ -104,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         status: int = args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+    except (ValueError, OSError) as error:  # TopologyError is a ValueError
         print(f"mirror-actors {args.command}: {error}", file=sys.stderr)
         return 2
     return status

@@ -1,0 +1,406 @@
+"""Topology files: sources, mirrors and a fault script, described in TOML.
+
+Parsing is pure and strict: an unknown key, a wrong type or a reference to a
+source that is not declared is a ``TopologyError`` naming the file, the key and
+what was expected, and nothing starts.
+
+```toml
+[run]
+duration = 20                      # seconds
+
+[[source]]
+cluster = "us-east"
+databases = ["orders"]
+rate = 20                          # demo entries per second, per database
+compact_every = 200                # optional: compact the log every N entries
+preload = 0                        # entries appended before anything starts
+
+[[mirror]]
+name = "mirror-a"
+strategy = "backoff"               # built-in name, or "module:attribute"
+strategy_options = { base = 0.5 }
+store = "memory"                   # or "sqlite"
+links = [{ source = "us-east", database = "orders" }]
+
+[[fault]]
+at = 5.0
+action = "restart_source"          # stop_source, start_source, restart_source,
+source = "us-east"                 # cut_link, partition_source, watch
+duration = 2.0
+
+[expect]
+escalations = []                   # links ("mirror/cluster/database") expected to escalate
+```
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import field, frozen
+
+from supervisors import JitterKind, SupervisorStrategy, as_strategy
+
+FAULT_ACTIONS = (
+    "stop_source",
+    "start_source",
+    "restart_source",
+    "cut_link",
+    "partition_source",
+    "watch",
+)
+STORES = ("memory", "sqlite")
+TREES = ("flat", "per-mirror")
+BUILTIN_STRATEGIES: Mapping[str, JitterKind] = {
+    "backoff": JitterKind.UNIFORM,
+    "full-jitter": JitterKind.FULL,
+    "equal-jitter": JitterKind.EQUAL,
+    "decorrelated-jitter": JitterKind.DECORRELATED,
+}
+LINK_OPTIONS = ("handshake_timeout", "keepalive_interval", "idle_timeout")
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot be run; the message says where and what was expected."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file = file
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{file}: {key}: {problem}")
+
+
+@frozen
+class SourceSpec:
+    cluster: str
+    databases: tuple[str, ...]
+    rate: float = 0.0
+    compact_every: int | None = None
+    preload: int = 0
+
+
+@frozen
+class LinkSpec:
+    source: str
+    database: str
+    cluster_id: str
+    """The cluster id the link is configured with (normally the source's own)."""
+    options: Mapping[str, Any] = field(factory=dict)
+    """LinkConfig overrides: timeouts, and ``server_name`` for certificates shared between clusters."""
+
+
+@frozen
+class MirrorSpec:
+    name: str
+    links: tuple[LinkSpec, ...]
+    strategy: str = "backoff"
+    strategy_options: Mapping[str, Any] = field(factory=dict)
+    store: str = "memory"
+
+    def link_name(self, link: LinkSpec) -> str:
+        return f"{self.name}/{link.cluster_id}/{link.database}"
+
+
+@frozen
+class FaultSpec:
+    at: float
+    action: str
+    source: str | None = None
+    link: str | None = None
+    duration: float = 0.0
+    note: str = ""
+
+
+@frozen
+class Topology:
+    file: str
+    description: str
+    duration: float
+    sources: tuple[SourceSpec, ...]
+    mirrors: tuple[MirrorSpec, ...]
+    faults: tuple[FaultSpec, ...]
+    expected_escalations: frozenset[str]
+    tree: str
+    link_defaults: Mapping[str, float]
+    base_dir: Path
+
+    def source(self, cluster: str) -> SourceSpec:
+        return next(s for s in self.sources if s.cluster == cluster)
+
+    def link_names(self) -> list[str]:
+        return [m.link_name(link) for m in self.mirrors for link in m.links]
+
+
+class _Table:
+    """Typed access to one TOML table, with errors that say where."""
+
+    def __init__(self, file: str, key: str, data: object, allowed: tuple[str, ...]) -> None:
+        self.file = file
+        self.key = key
+        if not isinstance(data, dict):
+            raise TopologyError(file, key, f"expected a table, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise TopologyError(
+                file, f"{key}.{unknown[0]}", f"unknown key; expected one of {', '.join(allowed)}"
+            )
+        self.data: dict[str, Any] = data
+
+    def error(self, name: str, problem: str) -> TopologyError:
+        return TopologyError(self.file, f"{self.key}.{name}", problem)
+
+    def get(
+        self, name: str, kind: type | tuple[type, ...], default: Any = ..., what: str = ""
+    ) -> Any:
+        if name not in self.data:
+            if default is ...:
+                raise self.error(name, f"missing; expected {what or _kind_name(kind)}")
+            return default
+        value = self.data[name]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.error(name, f"expected {what or _kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.error(name, f"expected {what or _kind_name(kind)}, got {value!r}")
+        return value
+
+    def number(self, name: str, default: Any = ..., minimum: float = 0.0) -> Any:
+        value = self.get(name, (int, float), default, what="a number")
+        if value is not None and value is not default and value < minimum:
+            raise self.error(name, f"expected a number >= {minimum:g}, got {value!r}")
+        return float(value) if isinstance(value, int | float) else value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value: str = self.get(name, str, default)
+        if value not in choices:
+            raise self.error(name, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        value = self.get(name, list, what="a list of strings")
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise self.error(name, f"expected a non-empty list of strings, got {value!r}")
+        return tuple(value)
+
+    def tables(self, name: str) -> list[Any]:
+        value = self.get(name, list, [], what="an array of tables")
+        return list(value)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and check a topology file; ``TopologyError`` says what is wrong and where."""
+    file = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise TopologyError(file, "(file)", "no such file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise TopologyError(file, "(syntax)", str(error)) from None
+    return parse_topology(data, file, Path(path).resolve().parent)
+
+
+def parse_topology(data: Mapping[str, Any], file: str, base_dir: Path) -> Topology:
+    top = _Table(
+        file, "(top)", dict(data), ("run", "source", "mirror", "fault", "expect", "link_defaults")
+    )
+    run = _Table(file, "run", top.get("run", dict, {}), ("duration", "description", "tree"))
+    duration = run.number("duration", 20.0, minimum=0.1)
+    sources = tuple(
+        _source(
+            _Table(
+                file,
+                f"source[{i}]",
+                raw,
+                ("cluster", "databases", "rate", "compact_every", "preload"),
+            )
+        )
+        for i, raw in enumerate(top.tables("source"))
+    )
+    if not sources:
+        raise TopologyError(file, "source", "expected at least one [[source]]")
+    clusters = [s.cluster for s in sources]
+    if len(set(clusters)) != len(clusters):
+        raise TopologyError(file, "source", f"cluster ids must be unique, got {clusters}")
+    defaults_table = _Table(file, "link_defaults", top.get("link_defaults", dict, {}), LINK_OPTIONS)
+    link_defaults = {k: defaults_table.number(k) for k in defaults_table.data}
+    mirrors = tuple(
+        _mirror(
+            _Table(
+                file,
+                f"mirror[{i}]",
+                raw,
+                ("name", "links", "strategy", "strategy_options", "store"),
+            ),
+            {s.cluster: s for s in sources},
+            base_dir,
+        )
+        for i, raw in enumerate(top.tables("mirror"))
+    )
+    if not mirrors:
+        raise TopologyError(file, "mirror", "expected at least one [[mirror]]")
+    names = [m.name for m in mirrors]
+    if len(set(names)) != len(names):
+        raise TopologyError(file, "mirror", f"mirror names must be unique, got {names}")
+    link_names = {m.link_name(link) for m in mirrors for link in m.links}
+    faults = tuple(
+        _fault(
+            _Table(
+                file, f"fault[{i}]", raw, ("at", "action", "source", "link", "duration", "note")
+            ),
+            clusters,
+            link_names,
+        )
+        for i, raw in enumerate(top.tables("fault"))
+    )
+    expect = _Table(file, "expect", top.get("expect", dict, {}), ("escalations",))
+    escalations = expect.get("escalations", list, [], what="a list of link names")
+    for name in escalations:
+        if name not in link_names:
+            raise expect.error(
+                "escalations", f"{name!r} is not a link; links are {sorted(link_names)}"
+            )
+    return Topology(
+        file=file,
+        description=run.get("description", str, ""),
+        duration=duration,
+        sources=sources,
+        mirrors=mirrors,
+        faults=tuple(sorted(faults, key=lambda f: f.at)),
+        expected_escalations=frozenset(escalations),
+        tree=run.choice("tree", TREES, "flat"),
+        link_defaults=link_defaults,
+        base_dir=base_dir,
+    )
+
+
+def _source(table: _Table) -> SourceSpec:
+    compact_every = table.get("compact_every", int, None)
+    if compact_every is not None and compact_every < 1:
+        raise table.error("compact_every", f"expected a positive integer, got {compact_every}")
+    preload = table.get("preload", int, 0)
+    if preload < 0:
+        raise table.error("preload", f"expected an integer >= 0, got {preload}")
+    return SourceSpec(
+        cluster=table.get("cluster", str),
+        databases=table.strings("databases"),
+        rate=table.number("rate", 0.0),
+        compact_every=compact_every,
+        preload=preload,
+    )
+
+
+def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) -> MirrorSpec:
+    links = []
+    raw_links = table.get("links", list, what="a list of {source, database} tables")
+    if not raw_links:
+        raise table.error("links", "expected at least one link")
+    for j, raw in enumerate(raw_links):
+        link = _Table(
+            table.file,
+            f"{table.key}.links[{j}]",
+            raw,
+            ("source", "database", "cluster_id", *LINK_OPTIONS),
+        )
+        source = link.get("source", str)
+        if source not in sources:
+            raise link.error(
+                "source", f"no [[source]] with cluster {source!r}; declared: {sorted(sources)}"
+            )
+        database = link.get("database", str)
+        if database not in sources[source].databases:
+            raise link.error(
+                "database",
+                f"source {source!r} holds {list(sources[source].databases)}, not {database!r}",
+            )
+        links.append(
+            LinkSpec(
+                source=source,
+                database=database,
+                cluster_id=link.get("cluster_id", str, source),
+                options={
+                    **{k: link.number(k) for k in LINK_OPTIONS if k in link.data},
+                    **(
+                        {"server_name": link.get("server_name", str)}
+                        if "server_name" in link.data
+                        else {}
+                    ),
+                },
+            )
+        )
+    strategy = table.get("strategy", str, "backoff")
+    options = table.get("strategy_options", dict, {})
+    try:
+        resolve_strategy(strategy, options, base_dir)
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        raise table.error("strategy", f"cannot build strategy {strategy!r}: {error}") from None
+    return MirrorSpec(
+        name=table.get("name", str),
+        links=tuple(links),
+        strategy=strategy,
+        strategy_options=options,
+        store=table.choice("store", STORES, "memory"),
+    )
+
+
+def _fault(table: _Table, clusters: list[str], link_names: set[str]) -> FaultSpec:
+    action = table.choice("action", FAULT_ACTIONS, "watch")
+    source = table.get("source", str, None)
+    link = table.get("link", str, None)
+    if action.endswith("source") and source not in clusters:
+        raise table.error("source", f"{action} needs a source, one of {clusters}; got {source!r}")
+    if action == "cut_link" and link not in link_names:
+        raise table.error(
+            "link", f"cut_link needs a link, one of {sorted(link_names)}; got {link!r}"
+        )
+    duration = table.number("duration", 0.0)
+    if action in ("restart_source", "cut_link", "partition_source") and duration <= 0:
+        raise table.error("duration", f"{action} needs a duration > 0")
+    return FaultSpec(
+        at=table.number("at"),
+        action=action,
+        source=source,
+        link=link,
+        duration=duration,
+        note=table.get("note", str, ""),
+    )
+
+
+def resolve_strategy(
+    spec: str, options: Mapping[str, Any], base_dir: Path | None = None
+) -> SupervisorStrategy:
+    """A built-in strategy by name, or ``module:attribute`` (a strategy, class or factory)."""
+    from .link import link_strategy
+
+    if spec in BUILTIN_STRATEGIES:
+        return link_strategy(jitter_kind=BUILTIN_STRATEGIES[spec], **options)
+    if ":" not in spec:
+        raise ValueError(
+            f"expected a built-in ({', '.join(BUILTIN_STRATEGIES)}) or module:attribute"
+        )
+    module_name, _, attribute = spec.partition(":")
+    if base_dir is not None and str(base_dir) not in sys.path:
+        # Strategies written next to the topology file import like scripts do.
+        sys.path.insert(0, str(base_dir))
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    if isinstance(target, SupervisorStrategy):
+        if options:
+            raise TypeError("strategy_options given for a strategy instance")
+        return target
+    if isinstance(target, type) or options:
+        # A class, or a factory given options: build the strategy.
+        return as_strategy(target(**options))
+    # A plain function taking a Failure and answering a directive.
+    return as_strategy(target)
