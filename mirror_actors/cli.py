@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         run.start()
-        interrupted = not watch(run, duration, live)
+        interrupted = not watch(run, duration, live, out=sys.stderr if args.json else sys.stdout)
         summary = run.finish(args.verify_timeout, interrupted=interrupted)
     except KeyboardInterrupt:
         summary = run.finish(0.0, interrupted=True)

@@ -20,7 +20,16 @@ import pykka
 from attrs import frozen
 from loguru import logger
 
-from supervisors import ChildSpec, EscalationEvent, GetChild, Supervisor, SupervisorError
+from supervisors import (
+    ChildSpec,
+    EscalatedFailure,
+    EscalationEvent,
+    ExponentialBackoff,
+    GetChild,
+    Supervisor,
+    SupervisorError,
+    is_hard_error,
+)
 
 from .errors import MirrorError
 from .link_config import LinkConfig
@@ -226,7 +235,7 @@ class TopologyRun:
                 for mirror in self.topology.mirrors
             ]
         self._root = Supervisor.start(
-            strategy=resolve_strategy("backoff", {}),
+            strategy=upper_strategy(),
             children=children,
             on_escalation=self._on_escalation,
             name="root",
@@ -479,10 +488,21 @@ class TopologyRun:
         )
 
 
+def upper_strategy() -> ExponentialBackoff:
+    """For supervisors above the replicas: pass escalations up, restart crashes.
+
+    A replica escalates when its own strategy gave up on its link; restarting it
+    from above would undo that decision, so it goes on up to the root handler.
+    """
+    return ExponentialBackoff(
+        escalate_on=lambda error: isinstance(error, EscalatedFailure) or is_hard_error(error)
+    )
+
+
 def _group_factory(name: str, children: list[ChildSpec]) -> Any:
     def start(parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
         return Supervisor.start(
-            strategy=resolve_strategy("backoff", {}), children=children, parent=parent, name=name
+            strategy=upper_strategy(), children=children, parent=parent, name=name
         )
 
     return start

@@ -310,7 +310,7 @@ def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) ->
             table.file,
             f"{table.key}.links[{j}]",
             raw,
-            ("source", "database", "cluster_id", *LINK_OPTIONS),
+            ("source", "database", "cluster_id", "server_name", *LINK_OPTIONS),
         )
         source = link.get("source", str)
         if source not in sources:
