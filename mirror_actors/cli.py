@@ -79,6 +79,39 @@ def _source(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mirror(args: argparse.Namespace) -> int:
+    from .link_config import LinkConfig
+    from .replica import MirrorDatabase
+    from .replica_store import SqliteReplicaStore
+
+    config = LinkConfig(
+        args.cluster_id,
+        args.database,
+        ca_file=args.ca,
+        host=args.host,
+        port=args.port,
+        client_cert_file=args.cert,
+        client_key_file=args.key,
+    )
+    store = SqliteReplicaStore(args.store, config.name)
+    print(f"mirror of {config.name} from {args.host}:{args.port} into {args.store}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def escalated(event: Any) -> None:
+        print(f"escalated (not retried): {event.root_cause}", flush=True)
+        stop.set()
+
+    replica = MirrorDatabase.start(config, store, on_escalation=escalated)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        replica.stop()
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import TopologyRun
     from .status_view import print_summary, watch
@@ -133,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=float, default=0.0, help="append this many demo entries per second"
     )
     source.set_defaults(run=_source)
+
+    mirror = commands.add_parser("mirror", help="follow one source database into an SQLite file")
+    mirror.add_argument("--cluster-id", required=True)
+    mirror.add_argument("--database", required=True)
+    mirror.add_argument("--host", default="127.0.0.1")
+    mirror.add_argument("--port", type=int, default=4433)
+    mirror.add_argument("--ca", required=True, help="the CA that signed the source's certificate")
+    mirror.add_argument("--cert", help="this mirror's client certificate, for mutual TLS")
+    mirror.add_argument("--key", help="its private key")
+    mirror.add_argument("--store", required=True, help="the SQLite file (created if missing)")
+    mirror.set_defaults(run=_mirror)
 
     run = commands.add_parser("run", help="run a topology file: sources, mirrors and faults")
     run.add_argument("file", help="a topology .toml file (see examples/)")

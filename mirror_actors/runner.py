@@ -60,6 +60,7 @@ class LinkRow:
     lag_seconds: float
     last_error: str
     escalated: bool
+    snapshots_installed: int = 0
 
 
 @frozen
@@ -73,6 +74,7 @@ class LinkResult:
     restarts: int
     attempts: int
     error: str
+    snapshots_installed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -113,6 +115,7 @@ class RunSummary:
                     "expected_escalation": link.expected_escalation,
                     "restarts": link.restarts,
                     "attempts": link.attempts,
+                    "snapshots_installed": link.snapshots_installed,
                     "error": link.error,
                 }
                 for link in self.links
@@ -408,6 +411,7 @@ class TopologyRun:
                     lag_seconds=0.0,
                     last_error=str(error) if error else (previous.last_error if previous else ""),
                     escalated=escalated,
+                    snapshots_installed=previous.snapshots_installed if previous else 0,
                 )
             else:
                 applied = status.applied_lsn
@@ -427,6 +431,7 @@ class TopologyRun:
                     else 0.0,
                     last_error=str(link_error or status.supervision.last_error or ""),
                     escalated=escalated,
+                    snapshots_installed=status.snapshots_installed,
                 )
             self._last_rows[name] = row
             rows.append(row)
@@ -476,6 +481,7 @@ class TopologyRun:
                     restarts=row.restarts,
                     attempts=row.attempts,
                     error=row.last_error,
+                    snapshots_installed=row.snapshots_installed,
                 )
             )
         return RunSummary(

@@ -1,0 +1,142 @@
+"""Every example does what its name promises, run headless with its outcome asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mirror_actors.runner import RunSummary, TopologyRun
+from mirror_actors.topology import load_topology
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str) -> RunSummary:
+    topology = load_topology(EXAMPLES / f"{name}.toml")
+    run = TopologyRun(topology)
+    try:
+        run.start()
+        while run.elapsed() < topology.duration:
+            run.play_due_faults()
+            run.rows()
+        return run.finish(verify_timeout=30.0)
+    finally:
+        run.stop()
+
+
+def by_name(summary: RunSummary) -> dict[str, object]:
+    return {link.name: link for link in summary.links}
+
+
+def test_single_link() -> None:
+    summary = run_example("single_link")
+    assert summary.verified
+    (link,) = summary.links
+    assert link.identical and link.applied_lsn > 50 and link.restarts == 0
+
+
+def test_fan_in_follows_three_clusters_through_a_restart_and_a_cut() -> None:
+    summary = run_example("fan_in")
+    assert summary.verified, summary
+    links = by_name(summary)
+    assert {name.split("/")[1] for name in links} == {"us-east", "eu-west", "ap-south"}
+    assert links["mirror/eu-west/orders"].restarts >= 1  # type: ignore[attr-defined]
+    assert links["mirror/us-east/orders"].restarts == 0  # type: ignore[attr-defined]
+
+
+def test_fan_out_three_mirrors_of_one_source() -> None:
+    summary = run_example("fan_out")
+    assert summary.verified, summary
+    assert len(summary.links) == 3
+    assert by_name(summary)["mirror-c/us-east/orders"].restarts >= 1  # type: ignore[attr-defined]
+
+
+def test_flapping_source_loses_nothing() -> None:
+    summary = run_example("flapping_source")
+    assert summary.verified, summary
+    (link,) = summary.links
+    assert link.identical
+    assert link.restarts >= 3, "one reconnect per source restart at least"
+
+
+def test_wrong_cluster_id_escalates_once_and_the_others_carry_on() -> None:
+    summary = run_example("wrong_cluster_id")
+    assert summary.verified, summary
+    links = by_name(summary)
+    wrong = links["mirror/eu-west/orders"]
+    assert wrong.escalated and wrong.attempts == 1 and wrong.restarts == 0  # type: ignore[attr-defined]
+    assert "cluster id mismatch" in wrong.error  # type: ignore[attr-defined]
+    assert summary.escalations == ("mirror/eu-west/orders",)
+    assert all(link.identical for name, link in links.items() if name != "mirror/eu-west/orders")  # type: ignore[attr-defined]
+
+
+def test_custom_strategy_gives_up_when_it_should() -> None:
+    summary = run_example("custom_strategy")
+    assert summary.verified, summary
+    breaker = by_name(summary)["breaker/flaky/orders"]
+    # max_failures = 3: three failures, two restarts, then the breaker opens.
+    assert breaker.escalated and breaker.restarts == 2  # type: ignore[attr-defined]
+    assert by_name(summary)["steady/steady/orders"].identical  # type: ignore[attr-defined]
+
+
+def test_late_joiner_bootstraps_from_the_snapshot() -> None:
+    summary = run_example("late_joiner")
+    assert summary.verified, summary
+    (link,) = summary.links
+    assert link.snapshots_installed >= 1 and link.applied_lsn > 2000
+
+
+def test_the_api_tour_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "api_tour.py")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "hard error (never retried): cluster id mismatch" in done.stdout
+    assert done.stdout.strip().endswith("tour done")
+
+
+def test_the_run_command_prints_a_verified_json_summary() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror_actors.cli", "run", str(EXAMPLES / "single_link.toml"),
+         "--duration", "2", "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["verified"] and summary["links"][0]["identical"]
+
+
+def test_the_run_command_without_a_terminal_prints_plain_lines() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror_actors.cli", "run", str(EXAMPLES / "single_link.toml"),
+         "--duration", "1.5"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "mirror/us-east/orders" in done.stdout and "attempts=1" in done.stdout
+    assert "verified: every mirror equals its source" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[[source]]\ncluster = 'a'\ndatabases = []\n", "source[0].databases"),
+        ("[[source]]\ncluster = 'a'\ndatabases = ['x']\nrate = 'fast'\n", "source[0].rate"),
+        ("[run]\nduration = 5\nspeed = 2\n", "run.speed"),
+    ],
+)
+def test_a_bad_topology_file_names_the_file_and_the_key_and_starts_nothing(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror_actors.cli", "run", str(bad)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert str(bad) in done.stderr and words in done.stderr
