@@ -19,7 +19,10 @@ from .errors import (
 from .link import (
     Connect,
     Disconnect,
+    FailLink,
     GetStatus,
+    LinkDown,
+    LinkUp,
     OpenStream,
     Promote,
     SourceLink,
@@ -49,6 +52,9 @@ from .protocol import (
     Subscribe,
     encode_frame,
 )
+from .replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from .replica_store import MemoryReplicaStore, SqliteReplicaStore, entries_digest
+from .replication import ReplicationCursor, ReplicationError
 from .source_server import ConnectionInfo, SourceServer
 from .source_session import SourceSession, SourceSettings
 from .store import DatabaseLog, Snapshot, SourceStore, crc32c, decode_snapshot, encode_snapshot
@@ -72,20 +78,26 @@ __all__ = [
     "Entry",
     "Error",
     "ErrorCode",
+    "FailLink",
     "Frame",
     "FrameDecoder",
     "FrameTooLarge",
     "FrameType",
+    "GetReplicaStatus",
     "GetStatus",
     "HandshakeTimeout",
     "Hello",
     "HelloAck",
     "LinkConfig",
+    "LinkDown",
     "LinkNotConnected",
     "LinkState",
     "LinkStatus",
     "LinkStream",
+    "LinkUp",
     "MalformedFrame",
+    "MemoryReplicaStore",
+    "MirrorDatabase",
     "MirrorError",
     "MirrorPromoted",
     "ObserverRoleViolation",
@@ -93,6 +105,9 @@ __all__ = [
     "Promote",
     "Propose",
     "ProtocolVersionMismatch",
+    "ReplicaStatus",
+    "ReplicationCursor",
+    "ReplicationError",
     "RequestVote",
     "Snapshot",
     "SnapshotChunk",
@@ -102,6 +117,7 @@ __all__ = [
     "SourceSettings",
     "SourceShutdown",
     "SourceStore",
+    "SqliteReplicaStore",
     "StreamClosed",
     "Subscribe",
     "TlsVerificationError",
@@ -111,6 +127,7 @@ __all__ = [
     "decode_snapshot",
     "encode_frame",
     "encode_snapshot",
+    "entries_digest",
     "error_for_code",
     "generate_dev_pki",
     "link_strategy",
