@@ -66,14 +66,24 @@ class MemoryReplicaStore:
 
     def commit(self, commits: Sequence[Commit]) -> None:
         with self._lock:
+            # Work on copies and swap at the end: all or nothing, like SQLite.
+            entries = list(self._entries)
+            applied = self._applied
+            snapshot_lsn = self.snapshot_lsn
             for commit in commits:
                 if isinstance(commit, InstallSnapshot):
-                    self._entries = list(commit.entries)
-                    self.snapshot_lsn = commit.snapshot_lsn
-                    self._applied = commit.snapshot_lsn
-                else:
-                    self._entries.extend(commit.entries)
-                    self._applied = commit.last_lsn
+                    entries = list(commit.entries)
+                    snapshot_lsn = applied = commit.snapshot_lsn
+                    continue
+                if not commit.entries:
+                    raise ValueError("an ApplyEntries commit must carry entries")
+                if commit.entries[0].lsn != applied + 1:
+                    raise ValueError(
+                        f"entries from LSN {commit.entries[0].lsn} do not follow LSN {applied}"
+                    )
+                entries.extend(commit.entries)
+                applied = commit.last_lsn
+            self._entries, self._applied, self.snapshot_lsn = entries, applied, snapshot_lsn
 
     def entries(self) -> list[Entry]:
         with self._lock:

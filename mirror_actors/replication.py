@@ -108,9 +108,12 @@ class SnapshotAssembly:
             entries = decode_snapshot(data)
         except ValueError as error:
             raise ReplicationError(f"snapshot content is unreadable: {error}") from None
-        if entries and entries[-1].lsn != self.snapshot_lsn:
+        lsns = [entry.lsn for entry in entries]
+        if lsns != list(range(1, self.snapshot_lsn + 1)):
             raise ReplicationError(
-                f"snapshot at LSN {self.snapshot_lsn} ends with entry {entries[-1].lsn}"
+                f"snapshot at LSN {self.snapshot_lsn} must hold entries 1..{self.snapshot_lsn} "
+                f"in order; it holds {len(lsns)} entries"
+                + (f" from {lsns[0]} to {lsns[-1]}" if lsns else "")
             )
         return InstallSnapshot(self.snapshot_lsn, data, tuple(entries))
 

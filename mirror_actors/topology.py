@@ -36,6 +36,7 @@ escalations = []                   # links ("mirror/cluster/database") expected 
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -170,7 +171,11 @@ class _Table:
 
     def number(self, name: str, default: Any = ..., minimum: float = 0.0) -> Any:
         value = self.get(name, (int, float), default, what="a number")
-        if value is not None and value is not default and value < minimum:
+        if (
+            value is not None
+            and value is not default
+            and not (math.isfinite(value) and value >= minimum)
+        ):
             raise self.error(name, f"expected a number >= {minimum:g}, got {value!r}")
         return float(value) if isinstance(value, int | float) else value
 
@@ -207,6 +212,10 @@ def load_topology(path: str | Path) -> Topology:
         raise TopologyError(file, "(file)", "no such file") from None
     except tomllib.TOMLDecodeError as error:
         raise TopologyError(file, "(syntax)", str(error)) from None
+    except UnicodeDecodeError as error:
+        raise TopologyError(file, "(file)", f"not UTF-8 text: {error}") from None
+    except OSError as error:
+        raise TopologyError(file, "(file)", f"cannot read it: {error.strerror or error}") from None
     return parse_topology(data, file, Path(path).resolve().parent)
 
 
@@ -252,7 +261,13 @@ def parse_topology(data: Mapping[str, Any], file: str, base_dir: Path) -> Topolo
     names = [m.name for m in mirrors]
     if len(set(names)) != len(names):
         raise TopologyError(file, "mirror", f"mirror names must be unique, got {names}")
-    link_names = {m.link_name(link) for m in mirrors for link in m.links}
+    all_links = [m.link_name(link) for m in mirrors for link in m.links]
+    duplicates = sorted({name for name in all_links if all_links.count(name) > 1})
+    if duplicates:
+        raise TopologyError(
+            file, "mirror", f"a link may appear once per mirror; repeated: {duplicates}"
+        )
+    link_names = set(all_links)
     faults = tuple(
         _fault(
             _Table(
@@ -266,6 +281,8 @@ def parse_topology(data: Mapping[str, Any], file: str, base_dir: Path) -> Topolo
     expect = _Table(file, "expect", top.get("expect", dict, {}), ("escalations",))
     escalations = expect.get("escalations", list, [], what="a list of link names")
     for name in escalations:
+        if not isinstance(name, str):
+            raise expect.error("escalations", f"expected link names (strings), got {name!r}")
         if name not in link_names:
             raise expect.error(
                 "escalations", f"{name!r} is not a link; links are {sorted(link_names)}"
@@ -285,6 +302,9 @@ def parse_topology(data: Mapping[str, Any], file: str, base_dir: Path) -> Topolo
 
 
 def _source(table: _Table) -> SourceSpec:
+    databases = table.strings("databases")
+    if len(set(databases)) != len(databases):
+        raise table.error("databases", f"database ids must be unique, got {list(databases)}")
     compact_every = table.get("compact_every", int, None)
     if compact_every is not None and compact_every < 1:
         raise table.error("compact_every", f"expected a positive integer, got {compact_every}")
@@ -293,7 +313,7 @@ def _source(table: _Table) -> SourceSpec:
         raise table.error("preload", f"expected an integer >= 0, got {preload}")
     return SourceSpec(
         cluster=table.get("cluster", str),
-        databases=table.strings("databases"),
+        databases=databases,
         rate=table.number("rate", 0.0),
         compact_every=compact_every,
         preload=preload,
@@ -318,6 +338,13 @@ def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) ->
                 "source", f"no [[source]] with cluster {source!r}; declared: {sorted(sources)}"
             )
         database = link.get("database", str)
+        cluster_id = link.get("cluster_id", str, source)
+        if any((seen.cluster_id, seen.database) == (cluster_id, database) for seen in links):
+            raise TopologyError(
+                table.file,
+                link.key,
+                f"link {table.data.get('name')}/{cluster_id}/{database} appears twice in this mirror",
+            )
         if database not in sources[source].databases:
             raise link.error(
                 "database",
@@ -327,7 +354,7 @@ def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) ->
             LinkSpec(
                 source=source,
                 database=database,
-                cluster_id=link.get("cluster_id", str, source),
+                cluster_id=cluster_id,
                 options={
                     **{k: link.number(k) for k in LINK_OPTIONS if k in link.data},
                     **(
@@ -342,10 +369,13 @@ def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) ->
     options = table.get("strategy_options", dict, {})
     try:
         resolve_strategy(strategy, options, base_dir)
-    except (ImportError, AttributeError, TypeError, ValueError) as error:
+    except Exception as error:  # whatever the user's module raises, report it here
         raise table.error("strategy", f"cannot build strategy {strategy!r}: {error}") from None
+    name = table.get("name", str)
+    if not name or "/" in name:
+        raise table.error("name", f"expected a non-empty name without '/', got {name!r}")
     return MirrorSpec(
-        name=table.get("name", str),
+        name=name,
         links=tuple(links),
         strategy=strategy,
         strategy_options=options,
