@@ -321,7 +321,7 @@ def _source(table: _Table) -> SourceSpec:
 
 
 def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) -> MirrorSpec:
-    links = []
+    links: list[LinkSpec] = []
     raw_links = table.get("links", list, what="a list of {source, database} tables")
     if not raw_links:
         raise table.error("links", "expected at least one link")
