@@ -36,7 +36,9 @@ class ClosableClock(Protocol):
     def close(self) -> None: ...
 
 
-class _Timer:
+class ScheduledTimer:
+    """A timer of either clock: due time, callback, and whether it was cancelled."""
+
     __slots__ = ("callback", "cancelled", "due")
 
     def __init__(self, due: float, callback: Callable[[], None]) -> None:
@@ -58,7 +60,7 @@ class MonotonicClock:
     def __init__(self, name: str = "supervisors-timer") -> None:
         self._name = name
         self._condition = threading.Condition()
-        self._heap: list[tuple[float, int, _Timer]] = []
+        self._heap: list[tuple[float, int, ScheduledTimer]] = []
         self._sequence = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -67,7 +69,7 @@ class MonotonicClock:
         return time.monotonic()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        timer = _Timer(time.monotonic() + max(0.0, delay), callback)
+        timer = ScheduledTimer(time.monotonic() + max(0.0, delay), callback)
         with self._condition:
             if self._closed:
                 raise RuntimeError(f"clock {self._name!r} is closed; create a new one")

@@ -7,19 +7,7 @@ import itertools
 import threading
 from collections.abc import Callable
 
-from supervisors.clock import TimerHandle
-
-
-class _ManualTimer:
-    __slots__ = ("callback", "cancelled", "due")
-
-    def __init__(self, due: float, callback: Callable[[], None]) -> None:
-        self.due = due
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
+from supervisors.clock import ScheduledTimer, TimerHandle
 
 
 class ManualClock:
@@ -36,7 +24,7 @@ class ManualClock:
     def __init__(self, start: float = 0.0) -> None:
         self._now = start
         self._condition = threading.Condition()
-        self._heap: list[tuple[float, int, _ManualTimer]] = []
+        self._heap: list[tuple[float, int, ScheduledTimer]] = []
         self._sequence = itertools.count()
 
     def now(self) -> float:
@@ -45,7 +33,7 @@ class ManualClock:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         with self._condition:
-            timer = _ManualTimer(self._now + max(0.0, delay), callback)
+            timer = ScheduledTimer(self._now + max(0.0, delay), callback)
             heapq.heappush(self._heap, (timer.due, next(self._sequence), timer))
             self._condition.notify_all()
         return timer
