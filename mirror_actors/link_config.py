@@ -9,6 +9,9 @@ from .protocol import PROTOCOL_VERSION
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_KEEPALIVE_INTERVAL = 1.0
 DEFAULT_IDLE_TIMEOUT = 5.0
+# The source's default cap (64 MiB) plus the one frame (1 MiB at most) it may send
+# past the cap before it pauses.
+DEFAULT_MAX_UNACKED_BYTES = (64 + 1) * 1024 * 1024
 
 _positive = validators.gt(0.0)
 
@@ -36,6 +39,9 @@ class LinkConfig:
     keepalive_interval: float = field(default=DEFAULT_KEEPALIVE_INTERVAL, validator=_positive)
     idle_timeout: float = field(default=DEFAULT_IDLE_TIMEOUT, validator=_positive)
     server_name: str | None = None
+    max_unacked_bytes: int = field(default=DEFAULT_MAX_UNACKED_BYTES, validator=validators.gt(0))
+    """Received but unacknowledged payload bytes past which the source is taken to ignore
+    flow control; raise it for sources configured with a larger cap."""
     protocol_version: int = PROTOCOL_VERSION
 
     def __attrs_post_init__(self) -> None:

@@ -95,6 +95,9 @@ class LinkConnection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_heard = 0.0
+        # Payload bytes delivered to streams and not yet acknowledged: a source
+        # that honours flow control never lets this pass its cap by much.
+        self.unacked_bytes = 0
 
     # -- dialing ------------------------------------------------------------------
 
@@ -116,6 +119,9 @@ class LinkConnection:
         except BaseException:
             self.close()
             raise
+        if self._ended is not None:
+            # The ack came with a violation in the same packet: the connection is gone.
+            raise self._ended
         self._established = True
         self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive())
         return ack
@@ -171,8 +177,8 @@ class LinkConnection:
     def submit_open_stream(self, stream: LinkStream) -> None:
         self._quic_loop.call_soon(self._open_stream, stream)
 
-    def submit_send(self, stream: LinkStream, data: bytes) -> None:
-        self._quic_loop.call_soon(self._send_on, stream, data)
+    def submit_send(self, stream: LinkStream, data: bytes, acked_bytes: int = 0) -> None:
+        self._quic_loop.call_soon(self._send_on, stream, data, acked_bytes)
 
     def submit_close_stream(self, stream: LinkStream) -> None:
         self._quic_loop.call_soon(self._close_stream, stream)
@@ -191,10 +197,11 @@ class LinkConnection:
         self._streams[stream_id] = (stream, FrameDecoder())
         stream._opened_as(stream_id)
 
-    def _send_on(self, stream: LinkStream, data: bytes) -> None:
+    def _send_on(self, stream: LinkStream, data: bytes, acked_bytes: int) -> None:
         if self._ended is not None:
             stream._fail(self._ended)
             return
+        self.unacked_bytes = max(0, self.unacked_bytes - acked_bytes)
         self._send(stream.stream_id, data)
 
     def _close_stream(self, stream: LinkStream) -> None:
@@ -362,12 +369,22 @@ class LinkConnection:
                 if good:
                     stream._deliver(good)
                 if isinstance(frame, Error):
-                    # The source explains and will close the connection itself.
+                    # The source explains before it closes; do not wait for it to.
                     stream._fail(problem)
+                    self._end(problem, int(ErrorCode.NONE))
                     return
                 self._protocol_violation(problem)
                 return
             good.append((frame, payload_size))
+            self.unacked_bytes += payload_size
+        if self.unacked_bytes > self.config.max_unacked_bytes:
+            self._protocol_violation(
+                MalformedFrame(
+                    f"the source ignored flow control: {self.unacked_bytes} bytes unacknowledged, "
+                    f"more than the {self.config.max_unacked_bytes} this mirror accepts"
+                )
+            )
+            return
         if good:
             stream._deliver(good)
         if end_stream:

@@ -31,12 +31,12 @@ _ALERT_HINTS = {
 
 def tls_hint(alert: int, reason: str) -> str:
     lowered = reason.lower()
+    if "client certificate rejected" in lowered:
+        return "the source does not trust this mirror's client certificate: check client_cert_file and the source's client CA"
     if "doesn't match" in lowered:
         return "the source's certificate does not name the cluster id that was dialed: check source_cluster_id and the source's certificate"
     if "issuer" in lowered or "unknown ca" in lowered:
         return "the certificate was signed by a CA this link does not trust: check ca_file"
-    if "client certificate rejected" in lowered:
-        return "the source does not trust this mirror's client certificate: check client_cert_file and the source's client CA"
     return _ALERT_HINTS.get(alert, "check the TLS configuration of both sides")
 
 

@@ -436,12 +436,14 @@ class FrameDecoder:
         try:
             return self._feed(data)
         except MalformedFrame as error:
-            self._fail(error)
-            raise
+            detail = error.detail
         except Exception as error:  # a decoder must never leak another exception type
-            failure = MalformedFrame(f"undecodable input: {type(error).__name__}: {error}")
-            self._fail(failure)
-            raise failure from None
+            detail = f"undecodable input: {type(error).__name__}: {error}"
+        # A fresh error, raised here: the original's traceback would keep the
+        # frames that decoded the bad payload, and their locals, alive with it.
+        failure = MalformedFrame(detail)
+        self._fail(failure)
+        raise failure
 
     def eof(self) -> None:
         """The stream ended: a partial frame left in the buffer is malformed."""

@@ -100,7 +100,8 @@ class LinkStream:
         """Send an ACK for everything received so far, and record ``applied_lsn``."""
         with self._lock:
             consumed, self._unacked_bytes = self._unacked_bytes, 0
-        self.send(Ack(applied_lsn, consumed))
+        self._check_open()
+        self._connection.submit_send(self, encode_frame(Ack(applied_lsn, consumed)), consumed)
         if self._on_applied is not None:
             self._on_applied(applied_lsn)
 

@@ -1,0 +1,1 @@
+"""One module per figure; each exposes ``run(env, sizes) -> list[Row]``."""

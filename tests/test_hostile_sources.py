@@ -1,0 +1,681 @@
+"""Malicious sources against ``SourceLink``: typed errors, closed connections, no collateral.
+
+Each attack comes from a scripted ``RogueSource`` while a second link, to a
+well-behaved ``SourceServer`` in the same process, tails its log.  The
+attacked link must end with the typed error PROTOCOL.md prescribes and close
+the connection with the matching code (the rogue records the close it gets);
+the good link must keep receiving every entry; no thread may be left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import random
+import struct
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pykka
+import pytest
+from aioquic.asyncio.server import serve
+from aioquic.quic import events
+
+from mirror_actors import (
+    ClusterIdMismatch,
+    Connect,
+    Entries,
+    Entry,
+    MalformedFrame,
+    ObserverRoleViolation,
+    OpenStream,
+    SourceLink,
+    SourceShutdown,
+    Subscribe,
+    TransportError,
+    link_strategy,
+)
+from mirror_actors.errors import ErrorCode, MirrorError
+from mirror_actors.link_state import LinkState
+from mirror_actors.pki import DevPki
+from mirror_actors.protocol import (
+    HEADER,
+    MAX_PAYLOAD,
+    ConfChange,
+    Error,
+    FrameType,
+    HelloAck,
+    Propose,
+    RequestVote,
+    SnapshotChunk,
+    encode_frame,
+)
+from mirror_actors.replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from mirror_actors.replica_store import MemoryReplicaStore
+from mirror_actors.replication import ReplicationError
+from mirror_actors.source_server import SourceServer
+from mirror_actors.store import crc32c, encode_snapshot
+from mirror_actors.stream import LinkStream
+from supervisors import ChildSpec, ChildState, GetChild, Supervisor, WhichChildren
+from supervisors.testing import ManualClock
+from tests.rogue_source import RogueSource, _Rogue, accept
+from tests.test_link import CLUSTER, Escalations, config_for, source_server, status, wait_until
+
+WAIT = 5.0
+MiB = 1 << 20
+
+
+# -- a rogue that also records how the mirror closed on it ------------------------------------
+
+
+class _RecordingRogue(_Rogue):
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        # aioquic reports a peer's close only after its draining period; read it at once.
+        close = getattr(self._quic, "_close_event", None)
+        if close is not None:
+            self.source.record_close(close)
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.ConnectionTerminated):
+            self.source.record_close(event)
+        elif isinstance(event, events.StopSendingReceived | events.StreamReset):
+            self.source.stopped_streams.add(event.stream_id)
+        super().quic_event_received(event)
+
+
+class Rogue(RogueSource):
+    """``RogueSource`` plus: the mirror's close, its STOP_SENDINGs, and a hook to push more."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.closes: list[events.ConnectionTerminated] = []
+        self.stopped_streams: set[int] = set()
+        self.protocols: list[_RecordingRogue] = []
+
+    def record_close(self, event: events.ConnectionTerminated) -> None:
+        if not self.closes or self.closes[-1] is not event:
+            self.closes.append(event)
+
+    def close_code(self, timeout: float = WAIT) -> int:
+        wait_until(lambda: bool(self.closes), timeout, "the mirror's CONNECTION_CLOSE")
+        return self.closes[0].error_code
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the rogue's loop thread and return its result."""
+
+        async def run() -> Any:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(WAIT)
+
+    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        """Send more bytes on a stream of the (single) mirror connection."""
+
+        def push() -> None:
+            protocol = self.protocols[-1]
+            protocol._quic.send_stream_data(stream_id, data, end)
+            protocol.transmit()
+
+        self.call(push)
+
+    def _run(self, started: concurrent.futures.Future[int]) -> None:
+        loop = self._loop
+
+        def create(*args: Any, **kwargs: Any) -> _RecordingRogue:
+            protocol = _RecordingRogue(*args, source=self, **kwargs)
+            self.protocols.append(protocol)
+            return protocol
+
+        try:
+            self._server = loop.run_until_complete(
+                serve("127.0.0.1", 0, configuration=self._configuration, create_protocol=create)
+            )
+            assert self._server._transport is not None
+            started.set_result(self._server._transport.get_extra_info("sockname")[1])
+            loop.run_forever()
+        finally:
+            if self._server is not None:
+                self._server.close()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+
+def rogue(pki: DevPki, on_hello: Any = None, on_subscribe: Any = None) -> Rogue:
+    pair = pki.source(CLUSTER)
+    return Rogue(str(pair.cert), str(pair.key), on_hello or accept(CLUSTER), on_subscribe)
+
+
+def frames(*items: Any) -> Callable[[Any], bytes]:
+    data = b"".join(i if isinstance(i, bytes) else encode_frame(i) for i in items)
+    return lambda _request: data
+
+
+def entries(first: int, count: int) -> Entries:
+    return Entries([Entry(first + i, 1, b"r%d" % (first + i)) for i in range(count)])
+
+
+# -- the bystander: a link to a good source ------------------------------------------------
+
+
+class GoodLink:
+    def __init__(self, source: SourceServer, link: pykka.ActorRef[Any], stream: LinkStream):
+        self.source = source
+        self.link = link
+        self.stream = stream
+        self.next_lsn = 1
+
+    def still_receives(self, count: int = 10) -> None:
+        lsns = [self.source.append("orders", b"good%d" % i) for i in range(count)]
+        got: list[int] = []
+        while len(got) < count:
+            frame = self.stream.recv(timeout=WAIT)
+            assert isinstance(frame, Entries)
+            got += [e.lsn for e in frame.entries]
+        assert got == lsns == list(range(self.next_lsn, self.next_lsn + count))
+        self.next_lsn += count
+        self.stream.ack(got[-1])
+        assert status(self.link).state is LinkState.CONNECTED
+
+
+def own_threads() -> set[str]:
+    # The QUIC loop's getaddrinfo executor ("asyncio_N") is a bounded idle pool, not ours.
+    return {t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")}
+
+
+@pytest.fixture
+def good(pki: DevPki) -> Iterator[GoodLink]:
+    with source_server(pki) as source:
+        link = SourceLink.start(config_for(pki, source.port))
+        try:
+            link.ask(Connect())
+            stream = link.ask(OpenStream())
+            stream.send(Subscribe(1))
+            bystander = GoodLink(source, link, stream)
+            bystander.still_receives()
+            threads = own_threads()
+            yield bystander
+            bystander.still_receives()
+            assert own_threads() == threads
+        finally:
+            link.stop()
+
+
+def attacked_link(pki: DevPki, port: int, **kwargs: Any) -> pykka.ActorRef[Any]:
+    return SourceLink.start(config_for(pki, port, **kwargs))
+
+
+def stream_error(link: pykka.ActorRef[Any], *, skip_entries: bool = True) -> MirrorError:
+    """Connect, subscribe, and read until the stream fails; return the typed error."""
+    link.ask(Connect())
+    stream = link.ask(OpenStream())
+    stream.send(Subscribe(1))
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        try:
+            frame = stream.recv(timeout=WAIT)
+        except MirrorError as error:
+            return error
+        assert skip_entries and isinstance(frame, Entries | SnapshotChunk), frame
+    raise AssertionError("the stream never failed")
+
+
+def lost(link: pykka.ActorRef[Any]) -> MirrorError:
+    wait_until(lambda: status(link).state is LinkState.DISCONNECTED, what="the link to drop")
+    error = status(link).last_error
+    assert error is not None
+    return error
+
+
+# -- the handshake -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "words"),
+    [
+        (b"\x02\x00\x00\x00\x01\xc0", "must be a map"),
+        (b"\xff" * 40, "unknown frame type 0xff"),
+        (HEADER.pack(FrameType.HELLO_ACK, 4097), "exceeds the limit"),
+        (HEADER.pack(FrameType.HELLO_ACK, 3) + b"\x81\xa1a", "not valid MessagePack"),
+        (encode_frame(HelloAck.accept(CLUSTER))[:-2], "stream ended inside a frame"),
+        (encode_frame(Entries([Entry(1, 1, b"")])), "expected one HELLO_ACK"),
+    ],
+)
+def test_a_garbage_ack_is_malformed_and_closes_with_0x05(
+    pki: DevPki, good: GoodLink, reply: bytes, words: str
+) -> None:
+    with rogue(pki, on_hello=lambda hello: reply) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            with pytest.raises(MalformedFrame) as raised:
+                link.ask(Connect())
+            assert status(link).state is LinkState.DISCONNECTED
+        finally:
+            link.stop()
+        assert source.close_code() == ErrorCode.MALFORMED
+    assert words in str(raised.value) and not raised.value.hard
+
+
+def test_an_ack_naming_another_cluster_is_hard_and_closes_with_0x01(
+    pki: DevPki, good: GoodLink
+) -> None:
+    with rogue(pki, on_hello=accept("eu-west")) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            with pytest.raises(ClusterIdMismatch) as raised:
+                link.ask(Connect())
+        finally:
+            link.stop()
+        assert source.close_code() == ErrorCode.CLUSTER_ID
+    assert raised.value.hard
+    assert "'eu-west'" in str(raised.value) and "fix source_cluster_id" in str(raised.value)
+
+
+def test_a_voter_class_frame_on_the_handshake_stream_is_observer_only(
+    pki: DevPki, good: GoodLink
+) -> None:
+    with rogue(pki, on_hello=frames(RequestVote({"term": 5}))) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            with pytest.raises(ObserverRoleViolation) as raised:
+                link.ask(Connect())
+        finally:
+            link.stop()
+        assert source.close_code() == ErrorCode.OBSERVER_ONLY
+    assert raised.value.hard and "REQUEST_VOTE" in str(raised.value)
+
+
+# -- replication --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lsns", "words"),
+    [
+        ([1, 2, 4], "expected 3"),  # a gap
+        ([5, 4, 3], "expected 6"),  # backwards
+        ([3, 3], "expected 4"),  # a duplicate
+    ],
+)
+def test_entries_with_gaps_or_going_backwards_within_a_frame_are_malformed(
+    pki: DevPki, good: GoodLink, lsns: list[int], words: str
+) -> None:
+    bad = Entries([Entry(lsn, 1, b"x") for lsn in lsns])
+    with rogue(pki, on_subscribe=frames(bad)) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            error = stream_error(link)
+            assert lost(link) is not None
+        finally:
+            link.stop()
+        assert source.close_code() == ErrorCode.MALFORMED
+    assert isinstance(error, MalformedFrame)
+    assert "contiguous and increasing" in str(error) and words in str(error)
+
+
+@pytest.mark.parametrize(
+    ("garbage", "words"),
+    [
+        (HEADER.pack(FrameType.ENTRIES, MAX_PAYLOAD + 1), "exceeds the limit"),
+        (HEADER.pack(FrameType.ENTRIES, 2**32 - 1), "exceeds the limit"),
+        (b"\x00\x00\x00\x00\x00", "unknown frame type 0x00"),
+        (HEADER.pack(FrameType.ENTRIES, 1) + b"\x80", "missing field 'entries'"),
+        (encode_frame(HelloAck.accept(CLUSTER)), "does not send HELLO_ACK"),
+        (encode_frame(Subscribe(1)), "does not send SUBSCRIBE"),
+    ],
+)
+def test_garbage_on_a_replication_stream_is_malformed(
+    pki: DevPki, good: GoodLink, garbage: bytes, words: str
+) -> None:
+    with rogue(pki, on_subscribe=frames(entries(1, 3), garbage)) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            error = stream_error(link)
+            assert isinstance(lost(link), MalformedFrame)
+        finally:
+            link.stop()
+        assert source.close_code() == ErrorCode.MALFORMED
+    assert isinstance(error, MalformedFrame) and words in str(error)
+
+
+@pytest.mark.parametrize("voter", [RequestVote({"term": 2}), ConfChange({}), Propose({"v": b"x"})])
+def test_a_voter_class_frame_mid_stream_is_a_hard_observer_role_violation(
+    pki: DevPki, good: GoodLink, voter: Any
+) -> None:
+    with rogue(pki, on_subscribe=frames(entries(1, 2), voter)) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            error = stream_error(link)
+            assert isinstance(lost(link), ObserverRoleViolation)
+        finally:
+            link.stop()
+        assert source.close_code() == ErrorCode.OBSERVER_ONLY
+    assert isinstance(error, ObserverRoleViolation) and error.hard
+    assert voter.TYPE.name in str(error)
+
+
+def test_a_voter_class_frame_mid_stream_escalates_a_supervised_link(pki: DevPki) -> None:
+    clock = ManualClock()
+    with rogue(pki, on_subscribe=frames(entries(1, 1), RequestVote({}))) as source:
+        escalations = Escalations()
+        supervisor = Supervisor.start(
+            strategy=link_strategy(random=random.Random(1)),
+            children=[
+                ChildSpec(
+                    "link",
+                    lambda parent: SourceLink.start(config_for(pki, source.port), parent=parent),
+                )
+            ],
+            clock=clock,
+            on_escalation=escalations,
+        )
+        try:
+            link = supervisor.ask(GetChild("link"))
+            wait_until(lambda: status(link).state is LinkState.CONNECTED)
+            stream = link.ask(OpenStream())
+            stream.send(Subscribe(1))
+            assert escalations.arrived.wait(WAIT)
+            (child,) = supervisor.ask(WhichChildren())
+        finally:
+            supervisor.stop()
+    assert isinstance(escalations.events[0].root_cause, ObserverRoleViolation)
+    assert child.state is ChildState.FAILED and child.restarts == 0
+
+
+def test_data_on_a_stream_the_mirror_never_opened_is_malformed(pki: DevPki, good: GoodLink) -> None:
+    with rogue(pki) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            link.ask(Connect())
+            wait_until(lambda: bool(source.protocols))
+            # Server-initiated bidirectional stream 1: a mirror never asked for it.
+            source.send(1, encode_frame(entries(1, 1)))
+            error = lost(link)
+        finally:
+            link.stop()
+        assert source.close_code() == ErrorCode.MALFORMED
+    assert isinstance(error, MalformedFrame) and "did not open" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("code", "error_type"),
+    [
+        (ErrorCode.MALFORMED, MalformedFrame),
+        (ErrorCode.SOURCE_SHUTDOWN, SourceShutdown),
+        (ErrorCode.OBSERVER_ONLY, ObserverRoleViolation),
+        (0x42, TransportError),
+    ],
+)
+def test_an_error_frame_mid_stream_fails_that_stream_with_the_typed_error(
+    pki: DevPki, good: GoodLink, code: int, error_type: type
+) -> None:
+    with rogue(pki, on_subscribe=frames(entries(1, 3), Error(code, "the rogue says so"))) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            error = stream_error(link)
+        finally:
+            link.stop()
+    assert isinstance(error, error_type)
+    assert "the rogue says so" in str(error)
+
+
+def test_after_an_error_frame_the_stream_or_connection_is_closed(
+    pki: DevPki, good: GoodLink
+) -> None:
+    with rogue(pki, on_subscribe=frames(entries(1, 3), Error(5, "bad"))) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            stream_error(link)
+            stream_id = 4
+            closed = False
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and not closed:
+                closed = stream_id in source.stopped_streams or bool(source.closes)
+                time.sleep(0.01)
+        finally:
+            link.stop()
+    assert closed, "neither STOP_SENDING on the stream nor a CONNECTION_CLOSE within 2 s"
+
+
+def test_a_source_finishing_a_replication_stream_ends_it_with_a_transport_error(
+    pki: DevPki, good: GoodLink
+) -> None:
+    with rogue(pki) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            link.ask(Connect())
+            stream = link.ask(OpenStream())
+            stream.send(Subscribe(1))
+            wait_until(lambda: any(isinstance(f, Subscribe) for f in source.received))
+            source.send(stream.stream_id, encode_frame(entries(1, 1)), end=True)
+            assert isinstance(stream.recv(timeout=WAIT), Entries)
+            with pytest.raises(TransportError, match="finished stream"):
+                stream.recv(timeout=WAIT)
+            assert status(link).state is LinkState.CONNECTED, "only that stream ended"
+        finally:
+            link.stop()
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [HelloAck.accept(CLUSTER), RequestVote({"term": 1}), entries(1, 1)],
+    ids=["second HELLO_ACK", "REQUEST_VOTE", "ENTRIES"],
+)
+def test_a_violation_arriving_with_the_accepting_ack_fails_the_link(
+    pki: DevPki, good: GoodLink, trailer: Any
+) -> None:
+    with rogue(pki, on_hello=frames(HelloAck.accept(CLUSTER), trailer)) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            try:
+                link.ask(Connect())
+            except MirrorError:
+                pass  # the right outcome: Connect fails with the typed error
+            assert source.close_code() in (ErrorCode.MALFORMED, ErrorCode.OBSERVER_ONLY)
+            state = status(link).state
+        finally:
+            link.stop()
+    assert state is LinkState.DISCONNECTED, "the link claims a connection it already closed"
+
+
+# -- snapshots and gaps across frames (the replica's checks, issue 5) ---------------------------
+
+
+def snapshot_chunks(blob: bytes, *, crc: int | None = None, offsets: list[int]) -> list[Any]:
+    chunks = []
+    for index, offset in enumerate(offsets):
+        last = index == len(offsets) - 1
+        data = blob[offset:] if last else blob[offset : offset + 10]
+        chunks.append(
+            SnapshotChunk(
+                CLUSTER,
+                "orders",
+                3,
+                len(blob),
+                crc if crc is not None else crc32c(blob),
+                offset,
+                data,
+                index == len(offsets) - 1,
+            )
+        )
+    return chunks
+
+
+SNAPSHOT = encode_snapshot([Entry(1, 1, b"a" * 9), Entry(2, 1, b"b" * 9), Entry(3, 1, b"c" * 9)])
+
+
+@pytest.mark.parametrize("fault", ["bad crc", "offset gap"])
+def test_the_link_delivers_a_snapshot_as_sent(pki: DevPki, good: GoodLink, fault: str) -> None:
+    """The link only frames: a snapshot's CRC and offsets are the replica's to check."""
+    chunks = (
+        snapshot_chunks(SNAPSHOT, crc=crc32c(SNAPSHOT) ^ 1, offsets=[0, 10, 20, 30])
+        if fault == "bad crc"
+        else snapshot_chunks(SNAPSHOT, offsets=[0, 20, 30])
+    )
+    with rogue(pki, on_subscribe=frames(*chunks)) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            link.ask(Connect())
+            stream = link.ask(OpenStream())
+            stream.send(Subscribe(1))
+            received = [stream.recv(timeout=WAIT) for _ in chunks]
+            assert status(link).state is LinkState.CONNECTED
+        finally:
+            link.stop()
+    assert received == chunks
+
+
+@pytest.mark.parametrize(
+    ("script", "kept", "words"),
+    [
+        (snapshot_chunks(SNAPSHOT, crc=crc32c(SNAPSHOT) ^ 1, offsets=[0, 10, 20, 30]), [], "CRC"),
+        (snapshot_chunks(SNAPSHOT, offsets=[0, 20, 30]), [], "offset gap"),
+        ([entries(1, 3), entries(5, 2)], [1, 2, 3], "gap: ENTRIES start at LSN 5, expected 4"),
+        ([entries(1, 3), entries(2, 3)], [1, 2, 3], "out-of-order LSN"),
+    ],
+    ids=["bad crc", "offset gap", "gap across frames", "backwards across frames"],
+)
+def test_the_replica_refuses_a_bad_snapshot_or_a_gap_and_keeps_only_good_data(
+    pki: DevPki, good: GoodLink, script: list[Any], kept: list[int], words: str
+) -> None:
+    clock = ManualClock()
+    store = MemoryReplicaStore()
+    escalations = Escalations()
+    with rogue(pki, on_subscribe=frames(*script)) as source:
+        replica = MirrorDatabase.start(
+            config_for(pki, source.port),
+            store,
+            strategy=link_strategy(random=random.Random(1)),
+            clock=clock,
+            on_escalation=escalations,
+        )
+        try:
+
+            def replica_status() -> ReplicaStatus:
+                result: ReplicaStatus = replica.ask(GetReplicaStatus())
+                return result
+
+            wait_until(lambda: replica_status().replication_errors >= 1, what="a refusal")
+            assert source.close_code() == ErrorCode.MALFORMED
+            wait_until(lambda: bool(clock.pending()), what="a restart with backoff")
+            final = replica_status()
+            error = final.link.last_error if final.link is not None else None
+        finally:
+            replica.stop()
+    assert [e.lsn for e in store.entries()] == kept
+    assert final.applied_lsn == (kept[-1] if kept else 0)
+    assert not escalations.events, "a bad stream is transient: retried, not escalated"
+    assert isinstance(error, ReplicationError) and words in str(error)
+
+
+# -- floods and memory ---------------------------------------------------------------------
+
+
+class Flood:
+    """Pushes 1 MiB ENTRIES frames on stream 4 for as long as it runs, never waiting for ACKs.
+
+    It keeps at most 4 MiB queued in its own QUIC sender, so only the mirror's
+    memory grows.
+    """
+
+    def __init__(self, source: Rogue) -> None:
+        self.source = source
+        self.sent = 0
+        self.task: asyncio.Task[None] | None = None
+        self.frame = encode_frame(Entries([Entry(1, 1, b"f" * (MAX_PAYLOAD - 64))]))
+
+    def start(self, _subscribe: Any) -> bytes:
+        # Called on the rogue's loop thread when the SUBSCRIBE arrives.
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        return b""
+
+    async def _run(self) -> None:
+        protocol = self.source.protocols[-1]
+        lsn = 1
+        while True:
+            stream = protocol._quic._streams.get(4)
+            if stream is None or stream.sender._reset_error_code is not None:
+                return
+            if len(stream.sender._buffer) < 4 * MiB:
+                frame = Entries([Entry(lsn, 1, b"f" * (MAX_PAYLOAD - 64))])
+                protocol._quic.send_stream_data(4, encode_frame(frame))
+                protocol.transmit()
+                lsn += 1
+                self.sent += 1
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0.002)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.source.call(self.task.cancel)
+
+
+def test_an_endless_stream_of_frames_is_bounded(pki: DevPki, good: GoodLink) -> None:
+    """The source floods 1 MiB frames and the mirror's reader is not keeping up.
+
+    PROTOCOL.md caps in-flight bytes at the source (64 MiB by default), which a
+    hostile source ignores.  A bounded mirror would stop buffering (QUIC
+    back-pressure or a typed error and a close) at about the cap; we flood up
+    to 1.5x the cap and look.
+    """
+    holder: list[Flood] = []
+
+    def on_subscribe(request: Any) -> bytes:
+        return holder[0].start(request)
+
+    with rogue(pki, on_subscribe=on_subscribe) as source:
+        flood = Flood(source)
+        holder.append(flood)
+        link = attacked_link(pki, source.port, idle_timeout=30.0)
+        try:
+            link.ask(Connect())
+            stream = link.ask(OpenStream())
+            stream.send(Subscribe(1))
+            limit = 96 * MiB
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                current = status(link)
+                if current.state is not LinkState.CONNECTED or current.bytes_in > limit:
+                    break
+                time.sleep(0.05)
+            buffered = stream._inbox.qsize()
+            print(
+                f"\nflood: link {status(link).state.value}, {status(link).bytes_in / MiB:.0f} MiB in,"
+                f" {buffered} frames of 1 MiB queued unread"
+            )
+            flood.stop()
+        finally:
+            link.stop()
+    assert buffered <= 64 + 2, f"{buffered} MiB buffered by a mirror that never read"
+
+
+def amplifying_entries() -> bytes:
+    count = MAX_PAYLOAD - 20
+    payload = (b"\x81\xa7entries\xdd" + struct.pack(">I", count) + b"\x80" * count)[:MAX_PAYLOAD]
+    return HEADER.pack(FrameType.ENTRIES, len(payload)) + payload
+
+
+def test_a_malformed_frame_does_not_pin_memory_in_the_link(pki: DevPki, good: GoodLink) -> None:
+    with rogue(pki, on_subscribe=frames(amplifying_entries())) as source:
+        link = attacked_link(pki, source.port)
+        try:
+            gc.collect()
+            tracemalloc.start()
+            try:
+                error = stream_error(link)
+                assert isinstance(lost(link), MalformedFrame)
+                del error
+                gc.collect()
+                retained, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            print(
+                f"\nafter the malformed frame: peak {peak / MiB:.0f} MiB, kept {retained / MiB:.0f} MiB"
+            )
+        finally:
+            link.stop()
+    assert retained < 8 * MiB, f"{retained / MiB:.0f} MiB kept alive by a failed link"
