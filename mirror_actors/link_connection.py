@@ -104,7 +104,9 @@ class LinkConnection:
     async def open(self, last_applied_lsn: int) -> HelloAck:
         """Dial and handshake; the accepted ack, or a typed error (the connection then closed)."""
         try:
-            async with asyncio.timeout(self.config.handshake_timeout):
+            # The timeout starts once the dial is admitted: waiting for a slot
+            # says nothing about the source.
+            async with self._quic_loop.dial_slots, asyncio.timeout(self.config.handshake_timeout):
                 await self._dial()
                 ack = await self._handshake(last_applied_lsn)
         except TimeoutError:

@@ -18,6 +18,10 @@ from loguru import logger
 T = TypeVar("T")
 
 STOP_TIMEOUT_SECONDS = 5.0
+# Handshakes cost the loop thread several milliseconds of CPU each. Admitting a
+# bounded number at once keeps a thousand links that dial together from timing
+# out behind each other and retrying in waves.
+MAX_CONCURRENT_DIALS = 32
 
 
 class QuicLoop:
@@ -29,6 +33,7 @@ class QuicLoop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
         self._thread = threading.Thread(target=self._run, name="mirror-quic-loop", daemon=True)
         self._running = threading.Event()
         self._thread.start()
