@@ -134,6 +134,11 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         run.stop()
     print_summary(summary, args.json)
+    leftovers = [
+        t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+    ]
+    if leftovers:
+        print(f"warning: threads still running after the run: {leftovers}", file=sys.stderr)
     return 0 if summary.verified and not summary.interrupted else 1
 
 

@@ -74,6 +74,7 @@ class LinkUp:
 
     link: pykka.ActorRef[Any]
     ack: HelloAck
+    status: LinkStatus
 
 
 @frozen
@@ -82,6 +83,7 @@ class LinkDown:
 
     link: pykka.ActorRef[Any]
     error: MirrorError | None
+    status: LinkStatus
 
 
 @frozen
@@ -318,7 +320,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
             self._log.info("connected to {}", self.config.target)
             for waiter in self._take_waiters():
                 reply(waiter, result.ack)
-            self._notify_watcher(LinkUp(self.actor_ref, result.ack))
+            self._notify_watcher(LinkUp(self.actor_ref, result.ack, self.status()))
             return
         assert result.error is not None
         self._forget_connection()
@@ -345,7 +347,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
 
     def _failed(self, error: MirrorError, *, during_dial: bool) -> None:
         self._lifecycle.failed(error)
-        self._notify_watcher(LinkDown(self.actor_ref, error))
+        self._notify_watcher(LinkDown(self.actor_ref, error, self.status()))
         what = "dial failed" if during_dial else "connection lost"
         if error.hard:
             self._log.error("{}: {} (hard: not retried)", what, error)
@@ -369,7 +371,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
         was_up = self._lifecycle.state is LinkState.CONNECTED
         self._lifecycle.disconnected()
         if was_up:
-            self._notify_watcher(LinkDown(self.actor_ref, None))
+            self._notify_watcher(LinkDown(self.actor_ref, None, self.status()))
         for waiter in self._take_waiters():
             reply_error(waiter, error)
 

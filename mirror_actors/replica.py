@@ -10,6 +10,7 @@ a broken snapshot fails the link, which then reconnects with backoff.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import pykka
@@ -46,6 +47,13 @@ class ReplicaStatus:
     entries_applied: int
     snapshots_installed: int
     replication_errors: int
+    lag_seconds: float = 0.0
+    """How long this replica has held less than it has seen from the source (0 when caught up)."""
+
+    @property
+    def lag_entries(self) -> int:
+        """Entries seen from the source and not yet applied."""
+        return self.highest_seen_lsn - self.applied_lsn
 
     @property
     def state(self) -> str:
@@ -76,6 +84,7 @@ class MirrorDatabase(Supervisor):
         clock: Any = None,
         on_escalation: Any = None,
         name: str | None = None,
+        on_exit: Callable[[ReplicaStatus], None] | None = None,
     ) -> None:
         self.config = config
         self.store: ReplicaStore = store if store is not None else MemoryReplicaStore()
@@ -97,6 +106,10 @@ class MirrorDatabase(Supervisor):
         self._entries_applied = 0
         self._snapshots_installed = 0
         self._replication_errors = 0
+        self._behind_since: float | None = None
+        # The link's last known status, for when the link itself is gone.
+        self._last_link_status: LinkStatus | None = None
+        self._on_exit = on_exit
         self._replica_log = logger.bind(
             cluster=config.source_cluster_id, database=config.source_database_id
         )
@@ -109,10 +122,18 @@ class MirrorDatabase(Supervisor):
 
     def on_stop(self) -> None:
         super().on_stop()
-        self.store.close()
+        self._exit()
 
     def _before_abnormal_exit(self) -> None:
         super()._before_abnormal_exit()
+        self._exit()
+
+    def _exit(self) -> None:
+        if self._on_exit is not None:
+            try:
+                self._on_exit(self.replica_status())
+            except Exception:
+                self._replica_log.exception("on_exit callback failed")
         self.store.close()
 
     # -- messages -------------------------------------------------------------------
@@ -122,10 +143,12 @@ class MirrorDatabase(Supervisor):
             case _StreamBatch():
                 self._on_batch(message)
                 return None
-            case LinkUp(link=link):
+            case LinkUp(link=link, status=link_status):
+                self._last_link_status = link_status
                 self._subscribe(link)
                 return None
-            case LinkDown():
+            case LinkDown(status=link_status):
+                self._last_link_status = link_status
                 self._drop_stream()
                 return None
             case GetReplicaStatus():
@@ -135,14 +158,14 @@ class MirrorDatabase(Supervisor):
     def replica_status(self) -> ReplicaStatus:
         record = self._record(LINK_CHILD_ID)
         supervision = record.status(self.clock.now(), self.strategy.reset_after)
-        link_status: LinkStatus | None = None
+        link_status = self._last_link_status
         if supervision.ref is not None:
             try:
                 link_status = cast(
                     LinkStatus, supervision.ref.ask(GetStatus(), timeout=STATUS_ASK_TIMEOUT)
                 )
             except (pykka.ActorDeadError, pykka.Timeout):
-                link_status = None
+                pass
         return ReplicaStatus(
             name=self.config.name,
             link=link_status,
@@ -152,6 +175,7 @@ class MirrorDatabase(Supervisor):
             entries_applied=self._entries_applied,
             snapshots_installed=self._snapshots_installed,
             replication_errors=self._replication_errors,
+            lag_seconds=time.monotonic() - self._behind_since if self._behind_since else 0.0,
         )
 
     # -- replication ----------------------------------------------------------------
@@ -210,6 +234,13 @@ class MirrorDatabase(Supervisor):
         self._commit(commits)
         if commits and self._stream is not None:
             self._stream.ack(self._cursor.applied_lsn)
+        self._track_lag()
+
+    def _track_lag(self) -> None:
+        if self._cursor.applied_lsn >= self._cursor.highest_seen_lsn:
+            self._behind_since = None
+        elif self._behind_since is None:
+            self._behind_since = time.monotonic()
 
     def _commit(self, commits: list[Commit]) -> None:
         if not commits:

@@ -197,6 +197,8 @@ class TopologyRun:
         self._root: pykka.ActorRef[Any] | None = None
         self._escalations: dict[str, EscalationEvent] = {}
         self._last_rows: dict[str, LinkRow] = {}
+        # The last word of every replica that stopped (an escalated one above all).
+        self._final_status: dict[str, ReplicaStatus] = {}
         self._events: list[tuple[float, int, str, FaultSpec]] = []
         self._event_seq = 0
         self.faults_played: list[str] = []
@@ -287,7 +289,12 @@ class TopologyRun:
 
         def start(parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
             return MirrorDatabase.start(
-                config, link.open_store(), strategy=strategy, parent=parent, name=link.name
+                config,
+                link.open_store(),
+                strategy=strategy,
+                parent=parent,
+                name=link.name,
+                on_exit=lambda status: self._final_status.__setitem__(link.name, status),
             )
 
         return start
@@ -440,7 +447,7 @@ class TopologyRun:
     def _status(self, name: str) -> ReplicaStatus | None:
         replica = self.replica(name)
         if replica is None:
-            return None
+            return self._final_status.get(name)
         try:
             return cast(ReplicaStatus, replica.ask(GetReplicaStatus(), timeout=STATUS_TIMEOUT))
         except (pykka.ActorDeadError, pykka.Timeout):

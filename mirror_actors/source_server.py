@@ -8,7 +8,6 @@ reach it only through ``call_soon_threadsafe``/``run_coroutine_threadsafe``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ssl
 import threading
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from aioquic.tls import AlertBadCertificate, AlertCertificateExpired, verify_cer
 from attrs import frozen
 from loguru import logger
 
+from .loop_thread import LoopThread
 from .protocol import ALPN
 from .source_session import (
     AbortStream,
@@ -43,7 +43,6 @@ ALERT_CERTIFICATE_EXPIRED = 45
 ALERT_CERTIFICATE_REQUIRED = 116
 # How long a rejection or error reply may wait for delivery before the close goes out anyway.
 CLOSE_LINGER_SECONDS = 1.0
-START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 5.0
 
 
@@ -257,8 +256,7 @@ class SourceServer:
         self.idle_timeout = idle_timeout
         self._requested_port = port
         self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread = LoopThread(f"source-{cluster_id}")
         self._quic_server: QuicServer | None = None
         self._connections: set[_MirrorConnection] = set()
         self._pump_lock = threading.Lock()
@@ -269,25 +267,15 @@ class SourceServer:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop_thread.running
 
     def start(self) -> SourceServer:
         if self.running:
             return self
         configuration = self._configuration()
         self._pump_scheduled = False
-        started: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(configuration, started), name=f"source-{self.cluster_id}"
-        )
-        self._thread.daemon = True
-        self._thread.start()
-        try:
-            self.port = started.result(START_TIMEOUT_SECONDS)
-        except BaseException:
-            self._thread.join(STOP_TIMEOUT_SECONDS)
-            self._thread = None
-            raise
+        self._loop_thread = LoopThread(f"source-{self.cluster_id}")
+        self.port = self._loop_thread.start(lambda: self._listen(configuration))
         for database_id in self.store.database_ids:
             self.store[database_id].add_listener(self._on_append)
         self._log.info("source listening on {}:{}", self.host, self.port)
@@ -295,20 +283,14 @@ class SourceServer:
 
     def stop(self) -> None:
         """Close every mirror connection with SOURCE_SHUTDOWN and stop listening."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
+        if not self.running:
             return
         for database_id in self.store.database_ids:
             self.store[database_id].remove_listener(self._on_append)
-        if thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(self._close_all(), loop).result(
-                    STOP_TIMEOUT_SECONDS
-                )
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-        thread.join(STOP_TIMEOUT_SECONDS)
-        self._thread = None
+        try:
+            self._loop_thread.submit(self._close_all()).result(STOP_TIMEOUT_SECONDS)
+        finally:
+            self._loop_thread.stop(teardown=self._release)
         self._log.info("source stopped")
 
     def __enter__(self) -> SourceServer:
@@ -334,14 +316,13 @@ class SourceServer:
 
     def connections(self) -> list[ConnectionInfo]:
         """What each connected mirror looks like from here (asks the loop thread)."""
-        loop = self._loop
-        if loop is None or not self.running:
+        if not self.running:
             return []
 
         async def collect() -> list[ConnectionInfo]:
             return [_describe(connection) for connection in self._connections]
 
-        return asyncio.run_coroutine_threadsafe(collect(), loop).result(STOP_TIMEOUT_SECONDS)
+        return self._loop_thread.submit(collect()).result(STOP_TIMEOUT_SECONDS)
 
     # -- loop thread ----------------------------------------------------------
 
@@ -354,40 +335,23 @@ class SourceServer:
             configuration.verify_mode = ssl.CERT_REQUIRED
         return configuration
 
-    def _run(
-        self, configuration: QuicConfiguration, started: concurrent.futures.Future[int]
-    ) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            try:
-                self._quic_server = loop.run_until_complete(
-                    serve(
-                        self.host,
-                        self._requested_port,
-                        configuration=configuration,
-                        create_protocol=self._create_protocol,
-                    )
-                )
-            except BaseException as error:
-                started.set_exception(error)
-                return
-            transport = self._quic_server._transport
-            assert transport is not None
-            started.set_result(transport.get_extra_info("sockname")[1])
-            loop.run_forever()
-        finally:
-            if self._quic_server is not None:
-                self._quic_server.close()
-                self._quic_server = None
-            self._connections.clear()
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+    async def _listen(self, configuration: QuicConfiguration) -> int:
+        self._quic_server = await serve(
+            self.host,
+            self._requested_port,
+            configuration=configuration,
+            create_protocol=self._create_protocol,
+        )
+        transport = self._quic_server._transport
+        assert transport is not None
+        port: int = transport.get_extra_info("sockname")[1]
+        return port
+
+    def _release(self) -> None:
+        if self._quic_server is not None:
+            self._quic_server.close()
+            self._quic_server = None
+        self._connections.clear()
 
     def _create_protocol(
         self, quic: QuicConnection, stream_handler: Any = None
@@ -404,12 +368,7 @@ class SourceServer:
             if self._pump_scheduled:
                 return
             self._pump_scheduled = True
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._pump_all)
-            except RuntimeError:  # the loop closed between the check and the call
-                pass
+        self._loop_thread.call_soon(self._pump_all)
 
     def _pump_all(self) -> None:
         with self._pump_lock:

@@ -24,7 +24,6 @@ a failing fault schedule can be replayed.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import random
 import threading
 from collections.abc import Callable
@@ -33,9 +32,10 @@ from typing import Literal
 
 from attrs import define, field
 
+from .loop_thread import LoopThread
+
 Direction = Literal["both", "to_source", "to_mirror"]
 DIRECTIONS: tuple[str, str] = ("to_source", "to_mirror")
-START_TIMEOUT_SECONDS = 5.0
 # Datagrams a mirror sends while its upstream socket is still being opened.
 MAX_EARLY_DATAGRAMS = 64
 
@@ -153,8 +153,7 @@ class UdpProxy:
         self._drop_random = {d: random.Random(f"{seed}/drop/{d}") for d in DIRECTIONS}
         self._delay_random = {d: random.Random(f"{seed}/delay/{d}") for d in DIRECTIONS}
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread = LoopThread("udp-proxy")
         self._listener: asyncio.DatagramTransport | None = None
         self._upstreams: dict[tuple[str, int], _Upstream] = {}
         self._heal_timer: asyncio.TimerHandle | None = None
@@ -195,9 +194,9 @@ class UdpProxy:
 
     def partition(self, seconds: float, direction: Direction = "both") -> None:
         """Block ``direction`` now and unblock it after ``seconds`` (timed on the proxy's loop)."""
-        loop = self._loop
-        if loop is None:
+        if not self._loop_thread.running:
             raise RuntimeError("start the proxy before scheduling a partition")
+        loop = self._loop_thread.loop
         self.block(direction)
 
         def schedule() -> None:
@@ -233,33 +232,15 @@ class UdpProxy:
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> UdpProxy:
-        if self._thread is not None:
+        if self._loop_thread.running:
             return self
-        started: concurrent.futures.Future[int] = concurrent.futures.Future()
-        thread = threading.Thread(target=self._run, args=(started,), name="udp-proxy", daemon=True)
-        self._thread = thread
-        thread.start()
-        try:
-            self.port = started.result(START_TIMEOUT_SECONDS)
-        except BaseException:
-            thread.join(START_TIMEOUT_SECONDS)
-            self._thread = None
-            raise
+        self._loop_thread = LoopThread("udp-proxy")
+        self.port = self._loop_thread.start(self._listen)
         return self
 
     def stop(self) -> None:
         """Close every socket and join the loop thread (idempotent)."""
-        loop, thread = self._loop, self._thread
-        if thread is None:
-            return
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(loop.stop)
-            except RuntimeError:
-                pass  # the loop already closed
-        thread.join(START_TIMEOUT_SECONDS)
-        self._thread = None
-        self._loop = None
+        self._loop_thread.stop(teardown=self._release)
 
     def __enter__(self) -> UdpProxy:
         return self.start()
@@ -274,53 +255,38 @@ class UdpProxy:
 
     # -- loop thread ----------------------------------------------------------------
 
-    def _run(self, started: concurrent.futures.Future[int]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            try:
-                transport, _ = loop.run_until_complete(
-                    loop.create_datagram_endpoint(
-                        lambda: _Listener(self), local_addr=(self.host, self._requested_port)
-                    )
-                )
-            except BaseException as error:
-                started.set_exception(error)
-                return
-            started.set_result(transport.get_extra_info("sockname")[1])
-            loop.run_forever()
-        finally:
-            with self._lock:
-                self._cancel_heal_timer()
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
-            for upstream in self._upstreams.values():
-                if upstream.transport is not None:
-                    upstream.transport.close()
-            self._upstreams.clear()
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            # One more turn lets the closed transports release their sockets.
-            loop.run_until_complete(asyncio.sleep(0))
-            loop.close()
+    async def _listen(self) -> int:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Listener(self), local_addr=(self.host, self._requested_port)
+        )
+        port: int = transport.get_extra_info("sockname")[1]
+        return port
+
+    def _release(self) -> None:
+        with self._lock:
+            self._cancel_heal_timer()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for upstream in self._upstreams.values():
+            if upstream.transport is not None:
+                upstream.transport.close()
+        self._upstreams.clear()
 
     def _from_mirror(self, data: bytes, client: tuple[str, int]) -> None:
         upstream = self._upstreams.get(client)
         if upstream is None:
             upstream = self._upstreams[client] = _Upstream(self, client)
             self.stats.peers += 1
-            assert self._loop is not None
-            self._loop.create_task(self._open_upstream(upstream))
+            self._loop_thread.loop.create_task(self._open_upstream(upstream))
         self._forward(data, "to_source", self._send_to_source, upstream)
 
     async def _open_upstream(self, upstream: _Upstream) -> None:
-        assert self._loop is not None
         try:
-            await self._loop.create_datagram_endpoint(lambda: upstream, remote_addr=self.upstream)
+            await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: upstream, remote_addr=self.upstream
+            )
         except OSError:
             upstream.early.clear()  # unreachable upstream: as good as dropped
             return
@@ -354,8 +320,8 @@ class UdpProxy:
                 stats.delayed += 1
         if dropped:
             return
-        if delay > 0 and self._loop is not None:
-            self._loop.call_later(delay, send, data, target)
+        if delay > 0:
+            self._loop_thread.loop.call_later(delay, send, data, target)
         else:
             send(data, target)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,23 @@ def test_a_bad_topology_file_names_the_file_and_the_key_and_starts_nothing(
     )  # fmt: skip
     assert done.returncode == 2
     assert str(bad) in done.stderr and words in done.stderr
+
+
+def test_ctrl_c_on_run_still_prints_the_summary_and_leaves_nothing_running() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mirror_actors.cli", "run", str(EXAMPLES / "single_link.toml"),
+         "--plain", "--duration", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert "mirror/us-east/orders" in process.stdout.readline()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, err
+    assert "(interrupted)" in out and "mirror/us-east/orders" in out
+    assert "threads still running" not in err

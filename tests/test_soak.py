@@ -52,7 +52,8 @@ def _wait_until(predicate: Any, timeout: float, what: str) -> None:
 def test_nothing_is_lost_under_a_fault_schedule(pki: DevPki, seed: int) -> None:
     chance = random.Random(seed)
     logger.info("soak seed {} (replay with MIRROR_SOAK_SEED={})", seed, seed)
-    drop_rate = chance.choice([0.02, 0.05, 0.08])
+    # The 5 % for the fixed seed; other rates for the drawn one.
+    drop_rate = 0.05 if seed == 1 else chance.choice([0.02, 0.05, 0.08])
     store = SourceStore(["orders"])
     pair = pki.source("us-east")
 
