@@ -53,25 +53,41 @@ from .protocol import (
     encode_frame,
 )
 from .replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from .replica_store import MemoryReplicaStore, SqliteReplicaStore, entries_digest
-from .replication import ReplicationCursor, ReplicationError
+from .replica_store import (
+    MemoryReplicaStore,
+    ReplicaStore,
+    SqliteReplicaStore,
+    StoreMismatch,
+    entries_digest,
+    read_replica_file,
+)
+from .replication import (
+    ApplyEntries,
+    Commit,
+    InstallSnapshot,
+    ReplicationCursor,
+    ReplicationError,
+)
 from .source_server import ConnectionInfo, SourceServer
 from .source_session import SourceSession, SourceSettings
 from .store import DatabaseLog, Snapshot, SourceStore, crc32c, decode_snapshot, encode_snapshot
-from .stream import LinkStream, StreamClosed
+from .stream import Delivery, LinkStream, StreamClosed, StreamListener
 
 __all__ = [
     "ALPN",
     "NO_SNAPSHOT",
     "PROTOCOL_VERSION",
     "Ack",
+    "ApplyEntries",
     "CertKeyPair",
     "CertificateAuthority",
     "ClusterIdMismatch",
+    "Commit",
     "ConfChange",
     "Connect",
     "ConnectionInfo",
     "DatabaseLog",
+    "Delivery",
     "DevPki",
     "Disconnect",
     "Entries",
@@ -88,6 +104,7 @@ __all__ = [
     "HandshakeTimeout",
     "Hello",
     "HelloAck",
+    "InstallSnapshot",
     "LinkConfig",
     "LinkDown",
     "LinkNotConnected",
@@ -106,6 +123,7 @@ __all__ = [
     "Propose",
     "ProtocolVersionMismatch",
     "ReplicaStatus",
+    "ReplicaStore",
     "ReplicationCursor",
     "ReplicationError",
     "RequestVote",
@@ -118,7 +136,9 @@ __all__ = [
     "SourceShutdown",
     "SourceStore",
     "SqliteReplicaStore",
+    "StoreMismatch",
     "StreamClosed",
+    "StreamListener",
     "Subscribe",
     "TlsVerificationError",
     "TransportError",
@@ -131,4 +151,5 @@ __all__ = [
     "error_for_code",
     "generate_dev_pki",
     "link_strategy",
+    "read_replica_file",
 ]

@@ -23,6 +23,11 @@ class ErrorCode(IntEnum):
     SOURCE_SHUTDOWN = 0x06
 
 
+# TLS alerts travel as QUIC CRYPTO_ERROR codes: 0x100 + alert number (RFC 9001 4.8).
+CRYPTO_ERROR_BASE = 0x100
+CRYPTO_ERROR_LAST = 0x1FF
+
+
 class MirrorError(Exception):
     """Base of every error this package raises about a link.
 
@@ -184,10 +189,13 @@ class MirrorPromoted(MirrorError):
 class LinkNotConnected(MirrorError):
     """An operation needs a connected link and this one is not connected."""
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(self, detail: str = "", hint: str = "send Connect first") -> None:
         self.detail = detail
+        self.hint = hint
         super().__init__(
-            "link is not connected" + (f": {detail}" if detail else "") + "; send Connect first"
+            "link is not connected"
+            + (f": {detail}" if detail else "")
+            + (f"; {hint}" if hint else "")
         )
 
 

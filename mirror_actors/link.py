@@ -66,6 +66,15 @@ class FailLink:
     """
 
     error: MirrorError
+    stream: LinkStream | None = None
+    """The stream the problem came on: a report about an older connection is ignored."""
+
+
+@frozen
+class _Applied:
+    """A stream of this link acknowledged up to ``lsn``."""
+
+    lsn: int
 
 
 @frozen
@@ -79,7 +88,7 @@ class LinkUp:
 
 @frozen
 class LinkDown:
-    """Told to a link's watcher when an established or dialing connection ends."""
+    """Told to a link's watcher when a connection or a dial ends, on purpose or not."""
 
     link: pykka.ActorRef[Any]
     error: MirrorError | None
@@ -192,7 +201,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
             self._start_dial()
 
     def _shut(self, why: str) -> None:
-        self._cancel(LinkNotConnected(why))
+        self._cancel(LinkNotConnected(why, "start a new link"))
         self._lifecycle.closed()
         if self._quic_loop is not None:
             self._quic_loop = None
@@ -210,8 +219,11 @@ class SourceLink(DeferredReplies, SupervisedActor):
                 return None
             case OpenStream(listener=listener):
                 return self._open_stream(listener)
-            case FailLink(error=error):
-                self._fail_connection(error)
+            case FailLink(error=error, stream=stream):
+                self._fail_connection(error, stream)
+                return None
+            case _Applied(lsn=lsn):
+                self.last_applied_lsn = max(self.last_applied_lsn, lsn)
                 return None
             case Promote():
                 self._promoted = True
@@ -258,21 +270,30 @@ class SourceLink(DeferredReplies, SupervisedActor):
         if waiter is not None:
             self._waiters.append(waiter)
         if self._lifecycle.state is LinkState.DISCONNECTED:
-            self._start_dial()
+            try:
+                self._start_dial()
+            except Exception as error:
+                # The reply was taken over: an exception here would reach no caller.
+                self._log.exception("could not start a dial")
+                self._failed(TransportError(f"could not start a dial: {error!r}"), during_dial=True)
         return None
 
     def _open_stream(self, listener: StreamListener | None) -> LinkStream:
         connection = self._connection
         if self._lifecycle.state is not LinkState.CONNECTED or connection is None:
-            raise LinkNotConnected(f"{self.config.name} is {self._lifecycle.state.value}")
+            hint = (
+                "wait for it to connect (a watcher gets LinkUp)"
+                if self._lifecycle.state is LinkState.CONNECTING
+                else "send Connect first"
+            )
+            raise LinkNotConnected(f"{self.config.name} is {self._lifecycle.state.value}", hint)
         stream = LinkStream(connection, on_applied=self._record_applied, listener=listener)
         connection.submit_open_stream(stream)
         return stream
 
     def _record_applied(self, lsn: int) -> None:
-        # Called from whatever thread acks; an int store is atomic, and the
-        # next reconnect only needs the latest value.
-        self.last_applied_lsn = max(self.last_applied_lsn, lsn)
+        # Called on whatever thread acks: the state change goes through the mailbox.
+        _tell(self.actor_ref, _Applied(lsn))
 
     # -- dialing --------------------------------------------------------------------
 
@@ -332,13 +353,14 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._forget_connection()
         self._failed(lost.error, during_dial=False)
 
-    def _fail_connection(self, error: MirrorError) -> None:
+    def _fail_connection(self, error: MirrorError, stream: LinkStream | None) -> None:
         if self._lifecycle.state is not LinkState.CONNECTED or self._connection is None:
             return
+        if stream is not None and stream._connection is not self._connection:
+            return  # about a connection already gone; this one is fine
         self._generation += 1  # the close below must not come back as a second loss
         self._connection.submit_close(int(error.code) if error.code is not None else 0, str(error))
         self._forget_connection()
-        self._ack = None
         self._failed(error, during_dial=False)
 
     def _notify_watcher(self, message: LinkUp | LinkDown) -> None:
@@ -367,15 +389,15 @@ class SourceLink(DeferredReplies, SupervisedActor):
         if self._connection is not None:
             self._connection.submit_close()
             self._forget_connection()
-        self._ack = None
-        was_up = self._lifecycle.state is LinkState.CONNECTED
+        was_active = self._lifecycle.state in (LinkState.CONNECTED, LinkState.CONNECTING)
         self._lifecycle.disconnected()
-        if was_up:
+        if was_active:
             self._notify_watcher(LinkDown(self.actor_ref, None, self.status()))
         for waiter in self._take_waiters():
             reply_error(waiter, error)
 
     def _forget_connection(self) -> None:
+        self._ack = None
         connection, self._connection = self._connection, None
         if connection is not None:
             self._bytes_in_before += connection.bytes_in

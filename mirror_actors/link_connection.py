@@ -12,12 +12,14 @@ import asyncio
 import itertools
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
+from cryptography import x509
 from loguru import logger
 
 from .errors import (
@@ -26,6 +28,7 @@ from .errors import (
     MalformedFrame,
     MirrorError,
     ObserverRoleViolation,
+    TlsVerificationError,
     TransportError,
     error_for_code,
 )
@@ -33,6 +36,7 @@ from .link_config import LinkConfig
 from .link_errors import error_for_ack, error_for_close
 from .protocol import (
     ALPN,
+    HANDSHAKE_STREAM_ID,
     Entries,
     Error,
     Frame,
@@ -46,7 +50,6 @@ from .protocol import (
 from .quic_loop import QuicLoop
 from .stream import LinkStream
 
-HANDSHAKE_STREAM_ID = 0
 _ping_ids = itertools.count(1)
 
 
@@ -89,6 +92,9 @@ class LinkConnection:
         self._tls_done: asyncio.Future[None] | None = None
         self._handshake_decoder = FrameDecoder()
         self._streams: dict[int, tuple[LinkStream, FrameDecoder]] = {}
+        # Streams this mirror closed: what the source had already sent on them
+        # still arrives, and is dropped rather than taken for a violation.
+        self._discarded_streams: set[int] = set()
         self._keepalive: asyncio.Task[None] | None = None
         self._established = False
         self._ended: MirrorError | None = None
@@ -138,9 +144,18 @@ class LinkConnection:
             server_name=self.config.tls_server_name,
             idle_timeout=self.config.idle_timeout,
         )
-        configuration.load_verify_locations(self.config.ca_file)
+        configuration.cadata = _read_ca(self.config.ca_file)
         if self.config.client_cert_file is not None:
-            configuration.load_cert_chain(self.config.client_cert_file, self.config.client_key_file)
+            try:
+                configuration.load_cert_chain(
+                    self.config.client_cert_file, self.config.client_key_file
+                )
+            except (OSError, ValueError) as error:
+                raise TlsVerificationError(
+                    f"cannot load the client certificate {self.config.client_cert_file!r} "
+                    f"or its key {self.config.client_key_file!r}: {error}",
+                    "fix client_cert_file and client_key_file",
+                ) from None
         quic = QuicConnection(configuration=configuration)
         local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         transport, protocol = await loop.create_datagram_endpoint(
@@ -212,6 +227,7 @@ class LinkConnection:
         )
         if entry is None or self._protocol is None or self._ended is not None:
             return
+        self._discarded_streams.add(stream.stream_id)
         quic = self._protocol._quic
         try:
             quic.send_stream_data(stream.stream_id, b"", end_stream=True)
@@ -257,42 +273,21 @@ class LinkConnection:
     # -- closing ------------------------------------------------------------------
 
     def close(self, code: int = int(ErrorCode.NONE), reason: str = "") -> None:
-        """Close (idempotent); a close on purpose reports nothing to ``on_lost``."""
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-        first = self._ended is None
-        if first:
-            self._ended = TransportError("connection closed by this mirror")
-        for stream, _ in self._streams.values():
-            stream._fail(self._ended or TransportError("connection closed"))
-        self._streams.clear()
-        if self._protocol is not None and first:
-            self._protocol.close(code, reason)
-        self._release_socket()
-        _fail_future(self._tls_done, TransportError("connection closed during the handshake"))
-        _fail_future(self._ack, TransportError("connection closed during the handshake"))
-
-    def _release_socket(self) -> None:
-        # The close frame went out with close()'s transmit; aioquic would keep a
-        # timer for its closing period, which has nothing left to do once the
-        # socket is gone.
-        protocol = self._protocol
-        if protocol is not None and protocol._timer is not None:
-            protocol._timer.cancel()
-            protocol._timer = None
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        """Close on purpose (idempotent): nothing is reported to ``on_lost``."""
+        self._shut(TransportError("connection closed by this mirror"), code, reason, report=False)
 
     def _terminated(self, error_code: int, frame_type: int | None, reason: str) -> None:
-        if self._ended is not None:
-            return
-        error = error_for_close(self.config, error_code, frame_type, reason)
-        self._end(error)
+        if self._ended is None:
+            self._end(error_for_close(self.config, error_code, frame_type, reason))
 
     def _end(self, error: MirrorError, code: int | None = None) -> None:
-        """The connection ended because of the network or the source: report once."""
+        """The network or the source ended the connection: report it once.
+
+        ``code`` closes the connection from this side too (a violation by the source).
+        """
+        self._shut(error, code, str(error), report=True)
+
+    def _shut(self, error: MirrorError, code: int | None, reason: str, *, report: bool) -> None:
         if self._ended is not None:
             return
         self._ended = error
@@ -300,15 +295,28 @@ class LinkConnection:
         _fail_future(self._ack, error)
         for stream, _ in self._streams.values():
             stream._fail(error)
+        self._streams.clear()
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
         if code is not None and self._protocol is not None:
-            self._protocol.close(code, str(error)[:200])
-        self._release_socket()
-        if self._established:
+            self._protocol.close(code, reason[:200])
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        # aioquic would keep a timer for its closing period, and re-arms it when
+        # it transmits after the event being handled; with the socket gone it has
+        # nothing left to do, so silence it once that event is over.
+        asyncio.get_running_loop().call_soon(self._silence_timer)
+        if report and self._established:
             self._log.warning("link lost: {}", error)
             self._on_lost(error)
+
+    def _silence_timer(self) -> None:
+        protocol = self._protocol
+        if protocol is not None and protocol._timer is not None:
+            protocol._timer.cancel()
+            protocol._timer = None
 
     # -- events -------------------------------------------------------------------
 
@@ -339,6 +347,11 @@ class LinkConnection:
         except MalformedFrame as error:
             self._protocol_violation(error)
             return
+        if end_stream and not frames and self._ack is not None and not self._ack.done():
+            self._protocol_violation(
+                MalformedFrame("the handshake stream ended without a HELLO_ACK")
+            )
+            return
         for frame in frames:
             if self._ack is None or self._ack.done() or not isinstance(frame, HelloAck):
                 self._protocol_violation(
@@ -354,6 +367,8 @@ class LinkConnection:
     def _stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         entry = self._streams.get(stream_id)
         if entry is None:
+            if stream_id in self._discarded_streams:
+                return
             self._protocol_violation(
                 MalformedFrame(f"data on stream {stream_id}, which this mirror did not open")
             )
@@ -397,6 +412,23 @@ class LinkConnection:
         self._log.warning("source broke the protocol: {}", error)
         code = error.code if error.code is not None else ErrorCode.MALFORMED
         self._end(error, int(code))
+
+
+def _read_ca(path: str) -> bytes:
+    """The CA certificates a link trusts, checked here so a bad path is a hard error.
+
+    aioquic reads ``cafile`` only when it verifies the source, on the loop thread,
+    where a failure would surface as a mere handshake timeout.
+    """
+    try:
+        data = Path(path).read_bytes()
+        if not x509.load_pem_x509_certificates(data):
+            raise ValueError("no certificate in it")
+    except (OSError, ValueError) as error:
+        raise TlsVerificationError(
+            f"cannot load ca_file {path!r}: {error}", "fix ca_file in the link configuration"
+        ) from None
+    return data
 
 
 def _fail_future(future: asyncio.Future[Any] | None, error: BaseException) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .errors import (
+    CRYPTO_ERROR_BASE,
+    CRYPTO_ERROR_LAST,
     ClusterIdMismatch,
     ErrorCode,
     MirrorError,
@@ -12,9 +14,6 @@ from .errors import (
 )
 from .link_config import LinkConfig
 from .protocol import HelloAck
-
-CRYPTO_ERROR_FIRST = 0x100
-CRYPTO_ERROR_LAST = 0x1FF
 
 # TLS alert numbers (RFC 8446 section 6) and what a user should do about each.
 _ALERT_HINTS = {
@@ -44,8 +43,8 @@ def error_for_close(
     config: LinkConfig, error_code: int, frame_type: int | None, reason: str
 ) -> MirrorError:
     """The error for a CONNECTION_CLOSE (or an aioquic-local close such as the idle timeout)."""
-    if frame_type is not None and CRYPTO_ERROR_FIRST <= error_code <= CRYPTO_ERROR_LAST:
-        alert = error_code - CRYPTO_ERROR_FIRST
+    if frame_type is not None and CRYPTO_ERROR_BASE <= error_code <= CRYPTO_ERROR_LAST:
+        alert = error_code - CRYPTO_ERROR_BASE
         return TlsVerificationError(
             f"{reason or 'TLS alert ' + str(alert)} (TLS alert {alert}, dialing {config.tls_server_name!r})",
             tls_hint(alert, reason),

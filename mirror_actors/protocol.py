@@ -20,6 +20,7 @@ from .errors import ErrorCode, MalformedFrame
 PROTOCOL_VERSION: Final = 1
 ALPN: Final = "mirror/1"
 NO_SNAPSHOT: Final = 2**64 - 1
+HANDSHAKE_STREAM_ID: Final = 0  # the first client-initiated bidirectional stream
 HEADER: Final = struct.Struct(">BI")
 HEADER_SIZE: Final = HEADER.size
 HANDSHAKE_MAX_PAYLOAD: Final = 4096

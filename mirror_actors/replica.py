@@ -23,10 +23,10 @@ from .errors import MirrorError
 from .link import FailLink, GetStatus, LinkDown, LinkUp, OpenStream, SourceLink, link_strategy
 from .link_config import LinkConfig
 from .link_state import LinkState, LinkStatus
-from .protocol import Frame, Subscribe
+from .protocol import Subscribe
 from .replica_store import MemoryReplicaStore, ReplicaStore
 from .replication import Commit, InstallSnapshot, ReplicationCursor, ReplicationError
-from .stream import LinkStream
+from .stream import Delivery, LinkStream
 
 LINK_CHILD_ID = "link"
 STATUS_ASK_TIMEOUT = 2.0
@@ -65,10 +65,9 @@ class ReplicaStatus:
 
 
 @frozen
-class _StreamBatch:
-    generation: int
+class _StreamDelivery:
     stream: LinkStream
-    batch: list[Frame] | MirrorError
+    delivery: Delivery | MirrorError
 
 
 class MirrorDatabase(Supervisor):
@@ -102,7 +101,6 @@ class MirrorDatabase(Supervisor):
         )
         self._link: pykka.ActorRef[Any] | None = None
         self._stream: LinkStream | None = None
-        self._stream_generation = 0
         self._entries_applied = 0
         self._snapshots_installed = 0
         self._replication_errors = 0
@@ -140,8 +138,8 @@ class MirrorDatabase(Supervisor):
 
     def on_receive(self, message: Any) -> Any:
         match message:
-            case _StreamBatch():
-                self._on_batch(message)
+            case _StreamDelivery():
+                self._on_delivery(message)
                 return None
             case LinkUp(link=link, status=link_status):
                 self._last_link_status = link_status
@@ -183,13 +181,12 @@ class MirrorDatabase(Supervisor):
     def _subscribe(self, link: pykka.ActorRef[Any]) -> None:
         self._drop_stream()
         self._link = link
-        generation = self._stream_generation
         me = self.actor_ref
 
-        def listener(stream: LinkStream, batch: list[Frame] | MirrorError) -> None:
-            # On the QUIC loop thread: only hand the batch over.
+        def listener(stream: LinkStream, delivery: Delivery | MirrorError) -> None:
+            # On the QUIC loop thread: only hand the delivery over.
             try:
-                me.tell(_StreamBatch(generation, stream, batch))
+                me.tell(_StreamDelivery(stream, delivery))
             except pykka.ActorDeadError:
                 pass
 
@@ -197,43 +194,49 @@ class MirrorDatabase(Supervisor):
             stream = cast(
                 LinkStream, link.ask(OpenStream(listener=listener), timeout=STATUS_ASK_TIMEOUT)
             )
+            self._cursor.restart()
+            stream.send(Subscribe(self._cursor.subscribe_from))
         except (MirrorError, pykka.ActorDeadError, pykka.Timeout) as error:
             # The link went down again meanwhile; its LinkDown/LinkUp will follow.
             self._replica_log.debug("could not open a replication stream: {}", error)
             return
-        self._cursor.restart()
         self._stream = stream
-        stream.send(Subscribe(self._cursor.subscribe_from))
         self._replica_log.info("subscribed from LSN {}", self._cursor.subscribe_from)
 
     def _drop_stream(self) -> None:
-        self._stream_generation += 1
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.close()
 
-    def _on_batch(self, message: _StreamBatch) -> None:
-        if message.generation != self._stream_generation or message.stream is not self._stream:
-            return
-        if isinstance(message.batch, MirrorError):
-            # The connection or stream ended; the link reports that on its own.
+    def _on_delivery(self, message: _StreamDelivery) -> None:
+        stream = message.stream
+        if stream is not self._stream:
+            return  # from a stream this replica already dropped
+        if isinstance(message.delivery, MirrorError):
+            # The stream ended. When the whole connection went, the link reports
+            # it; when only the stream did, failing the link brings a new one.
+            self._fail_link(message.delivery, stream)
             return
         commits: list[Commit] = []
         try:
-            for frame in message.batch:
+            for frame in message.delivery.frames:
                 commit = self._cursor.accept(frame)
                 if commit is not None:
                     commits.append(commit)
         except ReplicationError as error:
             self._replication_errors += 1
             self._replica_log.warning("replication stream rejected: {}", error)
-            self._cursor.restart()
             self._commit(commits)  # what came before the bad frame is good
-            self._fail_link(error)
+            self._cursor.restart()
+            self._fail_link(error, stream)
             return
         self._commit(commits)
-        if commits and self._stream is not None:
-            self._stream.ack(self._cursor.applied_lsn)
+        # Every delivery is acknowledged, committed or not: a snapshot larger than
+        # the source's flow-control cap only commits once all of it has come.
+        try:
+            stream.ack(self._cursor.applied_lsn, message.delivery.payload_bytes)
+        except MirrorError as error:
+            self._replica_log.debug("could not acknowledge: {}", error)
         self._track_lag()
 
     def _track_lag(self) -> None:
@@ -254,12 +257,12 @@ class MirrorDatabase(Supervisor):
             else:
                 self._entries_applied += len(commit.entries)
 
-    def _fail_link(self, error: MirrorError) -> None:
+    def _fail_link(self, error: MirrorError, stream: LinkStream) -> None:
         link = self._link
         self._drop_stream()
         if link is not None:
             try:
-                link.tell(FailLink(error))
+                link.tell(FailLink(error, stream))
             except pykka.ActorDeadError:
                 pass
 

@@ -166,3 +166,26 @@ class SqliteReplicaStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def read_replica_file(path: str | Path) -> tuple[int, list[Entry]]:
+    """Applied LSN and entries of a replica file, read-only, beside a live replica.
+
+    A file that does not exist yet, or that its replica has not initialised,
+    reads as empty.
+    """
+    if not Path(path).exists():
+        return 0, []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 0, []
+    try:
+        row = db.execute("SELECT last_applied_lsn FROM state").fetchone()
+        rows = db.execute("SELECT lsn, term, data FROM entries ORDER BY lsn").fetchall()
+    except sqlite3.Error:
+        return 0, []
+    finally:
+        db.close()
+    entries = [Entry(int(lsn), int(term), bytes(data)) for lsn, term, data in rows]
+    return (int(row[0]) if row else 0), entries

@@ -35,7 +35,13 @@ from .errors import MirrorError
 from .link_config import LinkConfig
 from .pki import DevPki, generate_dev_pki
 from .replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from .replica_store import MemoryReplicaStore, ReplicaStore, SqliteReplicaStore, entries_digest
+from .replica_store import (
+    MemoryReplicaStore,
+    ReplicaStore,
+    SqliteReplicaStore,
+    entries_digest,
+    read_replica_file,
+)
 from .source_server import SourceServer
 from .store import SourceStore
 from .testing import UdpProxy
@@ -133,6 +139,13 @@ class _Source:
         self.port = 0
         self.server: SourceServer | None = None
         self.appended_at: dict[tuple[str, int], float] = {}
+        self._forgotten_upto: dict[str, int] = {}
+
+    def forget_appended(self, database: str, upto_lsn: int) -> None:
+        start = self._forgotten_upto.get(database, 0)
+        for lsn in range(start + 1, upto_lsn + 1):
+            self.appended_at.pop((database, lsn), None)
+        self._forgotten_upto[database] = max(start, upto_lsn)
 
     def start(self) -> None:
         if self.server is not None:
@@ -174,12 +187,12 @@ class _Link:
 
     def read(self) -> tuple[int, str]:
         """Applied LSN and content digest, read beside the replica (WAL allows it)."""
-        store = self.open_store()
-        try:
-            return store.last_applied_lsn(), entries_digest(store.entries())
-        finally:
-            if store is not self.memory:
-                store.close()
+        if self.sqlite_path is not None:
+            applied, entries = read_replica_file(self.sqlite_path)
+        else:
+            assert self.memory is not None
+            applied, entries = self.memory.last_applied_lsn(), self.memory.entries()
+        return applied, entries_digest(entries)
 
 
 class TopologyRun:
@@ -442,7 +455,19 @@ class TopologyRun:
                 )
             self._last_rows[name] = row
             rows.append(row)
+        self._forget_applied_times(rows)
         return rows
+
+    def _forget_applied_times(self, rows: list[LinkRow]) -> None:
+        """Append times are only needed until every link to that database applied them."""
+        lowest: dict[tuple[str, str], int] = {}
+        for row in rows:
+            link = self._links[row.name]
+            if not row.escalated:
+                key = (link.spec.source, link.spec.database)
+                lowest[key] = min(lowest.get(key, row.applied_lsn), row.applied_lsn)
+        for (cluster, database), applied in lowest.items():
+            self.sources[cluster].forget_appended(database, applied)
 
     def _status(self, name: str) -> ReplicaStatus | None:
         replica = self.replica(name)

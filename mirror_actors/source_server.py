@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
+import attrs
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic import events
@@ -24,20 +25,20 @@ from aioquic.tls import AlertBadCertificate, AlertCertificateExpired, verify_cer
 from attrs import frozen
 from loguru import logger
 
+from .errors import CRYPTO_ERROR_BASE
 from .loop_thread import LoopThread
 from .protocol import ALPN
 from .source_session import (
     AbortStream,
     Action,
     CloseConnection,
+    ResetStream,
     SendData,
     SourceSession,
     SourceSettings,
 )
 from .store import SourceStore
 
-# TLS alerts travel as QUIC CRYPTO_ERROR codes: 0x100 + alert number (RFC 9001 4.8).
-CRYPTO_ERROR_BASE = 0x100
 ALERT_BAD_CERTIFICATE = 42
 ALERT_CERTIFICATE_EXPIRED = 45
 ALERT_CERTIFICATE_REQUIRED = 116
@@ -127,6 +128,8 @@ class _MirrorConnection(QuicConnectionProtocol):
                 )
             elif isinstance(action, AbortStream):
                 self._quietly(self._quic.stop_stream, action.stream_id, action.code)
+            elif isinstance(action, ResetStream):
+                self._quietly(self._quic.reset_stream, action.stream_id, action.code)
             elif action.after_streams:
                 self._pending_close = action
                 self._linger = self._loop.call_later(CLOSE_LINGER_SECONDS, self._close_now)
@@ -160,7 +163,7 @@ class _MirrorConnection(QuicConnectionProtocol):
         # peer's doing and must not take the connection (or the loop) down.
         try:
             operation(*args)
-        except (ValueError, AssertionError, Exception) as error:
+        except Exception as error:
             logger.bind(peer=self._peer, cluster=self._server.cluster_id).debug(
                 "dropped a write on a closed stream: {}", error
             )
@@ -241,13 +244,7 @@ class SourceServer:
         if settings is None:
             settings = SourceSettings()
         if flow_control_cap is not None:
-            settings = SourceSettings(
-                flow_control_cap=flow_control_cap,
-                snapshot_chunk_size=settings.snapshot_chunk_size,
-                batch_bytes=settings.batch_bytes,
-                batch_max_entries=settings.batch_max_entries,
-                max_subscriptions=settings.max_subscriptions,
-            )
+            settings = attrs.evolve(settings, flow_control_cap=flow_control_cap)
         self.settings = settings
         self.certfile = str(certfile)
         self.keyfile = str(keyfile)

@@ -16,6 +16,7 @@ from loguru import logger
 
 from .errors import ErrorCode, MalformedFrame
 from .protocol import (
+    HANDSHAKE_STREAM_ID,
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
     Ack,
@@ -35,7 +36,6 @@ DEFAULT_FLOW_CONTROL_CAP = 64 * 1024 * 1024
 DEFAULT_SNAPSHOT_CHUNK = 256 * 1024
 DEFAULT_BATCH_BYTES = 256 * 1024
 DEFAULT_MAX_SUBSCRIPTIONS = 64
-HANDSHAKE_STREAM_ID = 0
 
 
 @frozen
@@ -54,6 +54,14 @@ class AbortStream:
 
 
 @frozen
+class ResetStream:
+    """Abandon this side of a stream (RESET_STREAM): nothing more will be sent on it."""
+
+    stream_id: int
+    code: int
+
+
+@frozen
 class CloseConnection:
     """Close with ``code`` once what was sent on ``after_streams`` has been delivered."""
 
@@ -62,7 +70,7 @@ class CloseConnection:
     after_streams: tuple[int, ...] = ()
 
 
-Action: TypeAlias = SendData | AbortStream | CloseConnection
+Action: TypeAlias = SendData | AbortStream | ResetStream | CloseConnection
 
 
 @frozen
@@ -377,13 +385,16 @@ class SourceSession:
         return sum(1 for stream_id in self._streams if stream_id != HANDSHAKE_STREAM_ID)
 
     def _refuse_stream(self, stream_id: int) -> list[Action]:
-        detail = f"too many replication streams on one connection (limit {self.settings.max_subscriptions})"
-        self._log.warning("refused stream {}: {}", stream_id, detail)
+        # A refusal ends the stream, not the connection: no ERROR frame, which
+        # PROTOCOL.md section 5.4 always follows with a close.
+        self._log.warning(
+            "refused stream {}: too many replication streams on one connection (limit {})",
+            stream_id,
+            self.settings.max_subscriptions,
+        )
         self._ignored_streams.add(stream_id)
         return [
-            SendData(
-                stream_id, encode_frame(Error(int(ErrorCode.MALFORMED), detail)), end_stream=True
-            ),
+            ResetStream(stream_id, int(ErrorCode.MALFORMED)),
             AbortStream(stream_id, int(ErrorCode.MALFORMED)),
         ]
 

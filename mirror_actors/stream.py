@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from attrs import frozen
+
 from .errors import LinkNotConnected, MirrorError, ObserverRoleViolation
 from .protocol import Ack, Frame, encode_frame, is_voter_class
 
@@ -25,9 +27,18 @@ class StreamClosed(MirrorError):
         super().__init__("stream closed" + (f": {detail}" if detail else ""))
 
 
-StreamListener = Callable[["LinkStream", "list[Frame] | MirrorError"], None]
-"""Called on the QUIC loop thread with each batch of frames, or the error that ended
-the stream; it must not block (tell an actor)."""
+@frozen
+class Delivery:
+    """Frames that arrived together, and their payload bytes as ACK ``bytes`` counts them."""
+
+    frames: tuple[Frame, ...]
+    payload_bytes: int
+
+
+StreamListener = Callable[["LinkStream", "Delivery | MirrorError"], None]
+"""Called on the QUIC loop thread with each delivery, or the error that ended the
+stream; it must not block (tell an actor). Whoever consumes a delivery acks it
+with ``ack(applied_lsn, delivery.payload_bytes)``."""
 
 
 class LinkStream:
@@ -96,12 +107,18 @@ class LinkStream:
         while True:
             yield self.recv(timeout)
 
-    def ack(self, applied_lsn: int) -> None:
-        """Send an ACK for everything received so far, and record ``applied_lsn``."""
-        with self._lock:
-            consumed, self._unacked_bytes = self._unacked_bytes, 0
+    def ack(self, applied_lsn: int, consumed_bytes: int | None = None) -> None:
+        """Send an ACK and record ``applied_lsn``.
+
+        ``consumed_bytes`` defaults to everything ``recv`` returned since the last
+        ACK; a listener passes the ``payload_bytes`` of the deliveries it consumed.
+        """
         self._check_open()
-        self._connection.submit_send(self, encode_frame(Ack(applied_lsn, consumed)), consumed)
+        with self._lock:
+            if consumed_bytes is None:
+                consumed_bytes, self._unacked_bytes = self._unacked_bytes, 0
+        frame = encode_frame(Ack(applied_lsn, consumed_bytes))
+        self._connection.submit_send(self, frame, consumed_bytes)
         if self._on_applied is not None:
             self._on_applied(applied_lsn)
 
@@ -128,10 +145,8 @@ class LinkStream:
             for item in frames:
                 self._inbox.put(item)
             return
-        # A listener consumes frames as they come: count them as received now.
-        with self._lock:
-            self._unacked_bytes += sum(size for _, size in frames)
-        self._listener(self, [frame for frame, _ in frames])
+        delivery = Delivery(tuple(frame for frame, _ in frames), sum(size for _, size in frames))
+        self._listener(self, delivery)
 
     def _fail(self, error: MirrorError) -> None:
         if self._failure is not None:

@@ -55,6 +55,8 @@ class RawClient(QuicConnectionProtocol):
                     queue.put_nowait(END)
             except MalformedFrame as error:
                 queue.put_nowait(error)
+        elif isinstance(event, events.StreamReset):
+            self.queue(event.stream_id).put_nowait(event)
         elif isinstance(event, events.ConnectionTerminated):
             if not self.terminated.done():
                 self.terminated.set_result(event)

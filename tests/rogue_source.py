@@ -41,7 +41,9 @@ class _Rogue(QuicConnectionProtocol):
             if isinstance(frame, Hello):
                 self._quic.send_stream_data(event.stream_id, self.source.on_hello(frame), True)
             elif isinstance(frame, Subscribe) and self.source.on_subscribe is not None:
-                self._quic.send_stream_data(event.stream_id, self.source.on_subscribe(frame))
+                self._quic.send_stream_data(
+                    event.stream_id, self.source.on_subscribe(frame), self.source.finish_streams
+                )
         self.transmit()
 
 
@@ -52,8 +54,11 @@ class RogueSource:
         keyfile: str,
         on_hello: Callable[[Hello], bytes],
         on_subscribe: Callable[[Subscribe], bytes] | None = None,
+        *,
+        finish_streams: bool = False,
     ) -> None:
         self.on_hello = on_hello
+        self.finish_streams = finish_streams
         self.on_subscribe = on_subscribe
         self.received: list[Any] = []
         self._configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])

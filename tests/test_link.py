@@ -502,3 +502,66 @@ def test_connect_disconnect_cycles_leave_nothing_behind(pki: DevPki, source: Sou
     finally:
         link.stop()
     assert QuicLoop.users() == 0
+
+
+def test_closing_one_stream_while_the_source_sends_leaves_the_others(
+    standalone: Any, source: SourceServer
+) -> None:
+    standalone.ask(Connect())
+    keep = standalone.ask(OpenStream())
+    keep.send(Subscribe(1))
+    with standalone.ask(OpenStream()) as dropped:
+        dropped.send(Subscribe(1))
+        for i in range(200):
+            source.append("orders", b"busy %d" % i)
+    # Data for the closed stream was already on its way; it must be dropped quietly.
+    source.append("orders", b"after")
+    seen: list[Any] = []
+    while not seen or seen[-1].data != b"after":
+        frame = keep.recv(timeout=WAIT)
+        assert isinstance(frame, Entries)
+        seen.extend(frame.entries)
+    assert status(standalone).state is LinkState.CONNECTED
+
+
+def test_a_missing_ca_file_is_a_hard_error_naming_it(
+    pki: DevPki, source: SourceServer, tmp_path: Path
+) -> None:
+    link = SourceLink.start(config_for(pki, source.port, ca_file=str(tmp_path / "nope.pem")))
+    try:
+        with pytest.raises(TlsVerificationError, match="ca_file") as raised:
+            link.ask(Connect())
+    finally:
+        link.stop()
+    assert raised.value.hard
+
+
+def test_a_missing_client_certificate_file_is_a_hard_error_naming_it(
+    pki: DevPki, source: SourceServer, tmp_path: Path
+) -> None:
+    config = config_for(
+        pki,
+        source.port,
+        client_cert_file=str(tmp_path / "no.pem"),
+        client_key_file=str(tmp_path / "no.key"),
+    )
+    link = SourceLink.start(config)
+    try:
+        with pytest.raises(TlsVerificationError, match="client_cert_file") as raised:
+            link.ask(Connect())
+    finally:
+        link.stop()
+    assert raised.value.hard
+
+
+def test_a_handshake_stream_finished_without_an_ack_fails_at_once(pki: DevPki) -> None:
+    pair = pki.source(CLUSTER)
+    with RogueSource(str(pair.cert), str(pair.key), lambda hello: b"") as rogue:
+        link = SourceLink.start(config_for(pki, rogue.port, handshake_timeout=5.0))
+        try:
+            started = time.monotonic()
+            with pytest.raises(Exception, match="without a HELLO_ACK"):
+                link.ask(Connect())
+            assert time.monotonic() - started < 1.0
+        finally:
+            link.stop()

@@ -276,3 +276,49 @@ def test_a_killed_mirror_process_resumes_from_its_file_with_no_gap_and_no_duplic
         replica.close()
     assert [e.lsn for e in entries] == list(range(1, last + 1))
     assert entries_digest(entries) == entries_digest(store["orders"].entries())
+
+
+def test_a_snapshot_larger_than_the_flow_control_cap_still_arrives(
+    pki: DevPki, store: SourceStore
+) -> None:
+    # The snapshot only commits on its last chunk; acks must flow before that.
+    for i in range(2000):
+        store["orders"].append(b"y" * 200 + b"%d" % i)
+    store["orders"].compact(2000)
+    pair = pki.source(CLUSTER)
+    small_cap = SourceServer(
+        CLUSTER, ("orders",), certfile=str(pair.cert), keyfile=str(pair.key), store=store,
+        flow_control_cap=64 * 1024,
+    ).start()  # fmt: skip
+    replica_store = MemoryReplicaStore()
+    replica = MirrorDatabase.start(config(pki, small_cap.port), replica_store)
+    try:
+        snapshot = store["orders"].snapshot
+        assert snapshot is not None and snapshot.size > 5 * 64 * 1024
+        wait_until(lambda: status(replica).applied_lsn == 2000, what="the snapshot installed")
+    finally:
+        replica.stop()
+        small_cap.stop()
+    assert replica_store.snapshot_lsn == 2000
+
+
+def test_a_stream_the_source_ends_alone_is_replaced(pki: DevPki) -> None:
+    # The source finishes the subscription stream but keeps the connection:
+    # the replica must not sit "connected" with nothing flowing.
+    subscriptions: list[int] = []
+
+    def on_subscribe(subscribe: Any) -> bytes:
+        subscriptions.append(subscribe.from_lsn)
+        return _entries(subscribe.from_lsn, subscribe.from_lsn)
+
+    pair = pki.source(CLUSTER)
+    with RogueSource(
+        str(pair.cert), str(pair.key), lambda hello: encode_frame(HelloAck.accept(CLUSTER)),
+        on_subscribe, finish_streams=True,
+    ) as rogue:  # fmt: skip
+        replica = MirrorDatabase.start(config(pki, rogue.port), strategy=fast_strategy())
+        try:
+            wait_until(lambda: status(replica).applied_lsn >= 3, what="three resubscriptions")
+        finally:
+            replica.stop()
+    assert subscriptions[:3] == [1, 2, 3]
