@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,24 +59,42 @@ def _source(args: argparse.Namespace) -> int:
         port=args.port,
         client_ca_file=args.client_ca,
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = _stop_on_sigterm()
     with server:
         print(
-            f"source {args.cluster_id} serving {', '.join(args.database)} on {args.host}:{server.port}"
+            f"source {args.cluster_id} serving {', '.join(args.database)} on {args.host}:{server.port}",
+            flush=True,
         )
-        sys.stdout.flush()
-        period = 1.0 / args.rate if args.rate > 0 else None
         count = 0
-        try:
-            while not stop.wait(period if period is not None else 3600):
-                if period is not None:
-                    count += 1
-                    for database_id in args.database:
-                        server.append(database_id, f"demo entry {count}".encode())
-        except KeyboardInterrupt:
-            pass
+
+        def append_demo_entries() -> None:
+            nonlocal count
+            count += 1
+            for database_id in args.database:
+                server.append(database_id, f"demo entry {count}".encode())
+
+        _wait_for(stop, 1.0 / args.rate if args.rate > 0 else None, append_demo_entries)
     return 0
+
+
+def _stop_on_sigterm() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for(
+    stop: threading.Event,
+    period: float | None = None,
+    every_period: Callable[[], None] | None = None,
+) -> None:
+    """Wait for ``stop`` (SIGTERM) or Ctrl-C, calling ``every_period`` meanwhile."""
+    try:
+        while not stop.wait(period):
+            if every_period is not None:
+                every_period()
+    except KeyboardInterrupt:
+        pass
 
 
 def _mirror(args: argparse.Namespace) -> int:
@@ -95,8 +113,7 @@ def _mirror(args: argparse.Namespace) -> int:
     )
     store = SqliteReplicaStore(args.store, config.name)
     print(f"mirror of {config.name} from {args.host}:{args.port} into {args.store}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = _stop_on_sigterm()
 
     def escalated(event: Any) -> None:
         print(f"escalated (not retried): {event.root_cause}", flush=True)
@@ -104,9 +121,7 @@ def _mirror(args: argparse.Namespace) -> int:
 
     replica = MirrorDatabase.start(config, store, on_escalation=escalated)
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        _wait_for(stop)
     finally:
         replica.stop()
     return 0
