@@ -22,7 +22,7 @@ from supervisors import ChildSpec, ChildState, ChildStatus, Supervisor, Supervis
 from .errors import MirrorError
 from .link import FailLink, GetStatus, LinkDown, LinkUp, OpenStream, SourceLink, link_strategy
 from .link_config import LinkConfig
-from .link_state import LinkState, LinkStatus
+from .link_state import LinkStatus
 from .protocol import Subscribe
 from .replica_store import MemoryReplicaStore, ReplicaStore
 from .replication import Commit, InstallSnapshot, ReplicationCursor, ReplicationError
@@ -265,14 +265,3 @@ class MirrorDatabase(Supervisor):
                 link.tell(FailLink(error, stream))
             except pykka.ActorDeadError:
                 pass
-
-
-def wait_for_link_state(replica: pykka.ActorRef[Any], state: LinkState, timeout: float) -> bool:
-    """Poll a replica until its link reaches ``state`` (for scripts and tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = cast(ReplicaStatus, replica.ask(GetReplicaStatus()))
-        if status.link is not None and status.link.state is state:
-            return True
-        time.sleep(0.01)
-    return False
