@@ -7,6 +7,7 @@ waits for the loop, so a ``Disconnect`` can always cancel a dial in progress.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 from collections.abc import Callable
@@ -170,7 +171,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._quic_loop: QuicLoop | None = None
         self._generation = 0
         self._connection: LinkConnection | None = None
-        self._dial: concurrent.futures.Future[HelloAck] | None = None
+        self._dial: concurrent.futures.Future[None] | None = None
         self._ack: HelloAck | None = None
         self._waiters: list[pykka.Future[Any]] = []
         self._wanted = parent is not None
@@ -312,22 +313,9 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._log.info(
             "dialing {} (last applied LSN {})", self.config.target, self.last_applied_lsn
         )
-        dial = self._quic_loop.submit(connection.open(self.last_applied_lsn))
-        self._dial = dial
-
-        def finished(future: concurrent.futures.Future[HelloAck]) -> None:
-            # Runs on the loop thread: hand the outcome to the actor, never wait here.
-            if future.cancelled():
-                return
-            error = future.exception()
-            if error is None:
-                _tell(me, _DialFinished(generation, connection, future.result(), None))
-            else:
-                if not isinstance(error, MirrorError):
-                    error = TransportError(f"dial failed: {type(error).__name__}: {error}")
-                _tell(me, _DialFinished(generation, connection, None, error))
-
-        dial.add_done_callback(finished)
+        self._dial = self._quic_loop.submit(
+            _dial_and_report(me, generation, connection, self.last_applied_lsn)
+        )
 
     def _dial_finished(self, result: _DialFinished) -> None:
         if result.generation != self._generation:
@@ -406,6 +394,30 @@ class SourceLink(DeferredReplies, SupervisedActor):
     def _take_waiters(self) -> list[pykka.Future[Any]]:
         waiters, self._waiters = self._waiters, []
         return waiters
+
+
+async def _dial_and_report(
+    link: pykka.ActorRef[Any], generation: int, connection: LinkConnection, last_applied_lsn: int
+) -> None:
+    """Dial on the loop thread and tell the link the outcome.
+
+    The outcome is told from inside the dial's own task, in the same step that
+    makes the connection established: a loss the connection reports later is
+    then always behind it in the link's mailbox.  (A done-callback on the
+    task's future runs a loop iteration later, and a CONNECTION_CLOSE read in
+    between used to overtake it, leaving the link CONNECTED on a dead connection.)
+    """
+    try:
+        ack = await connection.open(last_applied_lsn)
+    except asyncio.CancelledError:
+        raise  # cancelled by the link itself, which expects no answer
+    except MirrorError as error:
+        _tell(link, _DialFinished(generation, connection, None, error))
+    except Exception as error:
+        failure = TransportError(f"dial failed: {type(error).__name__}: {error}")
+        _tell(link, _DialFinished(generation, connection, None, failure))
+    else:
+        _tell(link, _DialFinished(generation, connection, ack, None))
 
 
 def _tell(ref: pykka.ActorRef[Any], message: object) -> None:

@@ -190,6 +190,7 @@ class MirrorDatabase(Supervisor):
             except pykka.ActorDeadError:
                 pass
 
+        stream: LinkStream | None = None
         try:
             stream = cast(
                 LinkStream, link.ask(OpenStream(listener=listener), timeout=STATUS_ASK_TIMEOUT)
@@ -199,6 +200,10 @@ class MirrorDatabase(Supervisor):
         except (MirrorError, pykka.ActorDeadError, pykka.Timeout) as error:
             # The link went down again meanwhile; its LinkDown/LinkUp will follow.
             self._replica_log.debug("could not open a replication stream: {}", error)
+            if stream is not None and isinstance(error, MirrorError):
+                # The new stream failed at once; should the link not have noticed
+                # its connection go, this tells it (a stale report is ignored).
+                self._fail_link(error, stream)
             return
         self._stream = stream
         self._replica_log.info("subscribed from LSN {}", self._cursor.subscribe_from)

@@ -3,7 +3,8 @@
 It speaks real QUIC and TLS; only its replies are scripted.  ``on_hello`` gets
 the decoded HELLO and returns the raw bytes to send back on stream 0 (sent
 with FIN); ``on_subscribe`` gets each SUBSCRIBE and returns the raw bytes to send
-on that stream.
+on that stream; ``close_after_hello`` closes the connection with that code
+right after the handshake reply.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class _Rogue(QuicConnectionProtocol):
             self.source.received.append(frame)
             if isinstance(frame, Hello):
                 self._quic.send_stream_data(event.stream_id, self.source.on_hello(frame), True)
+                if self.source.close_after_hello is not None:
+                    # The ack and the close go in separate datagrams, back to back.
+                    self.transmit()
+                    self._quic.close(self.source.close_after_hello, reason_phrase="going away")
             elif isinstance(frame, Subscribe) and self.source.on_subscribe is not None:
                 self._quic.send_stream_data(
                     event.stream_id, self.source.on_subscribe(frame), self.source.finish_streams
@@ -56,8 +61,10 @@ class RogueSource:
         on_subscribe: Callable[[Subscribe], bytes] | None = None,
         *,
         finish_streams: bool = False,
+        close_after_hello: int | None = None,
     ) -> None:
         self.on_hello = on_hello
+        self.close_after_hello = close_after_hello
         self.finish_streams = finish_streams
         self.on_subscribe = on_subscribe
         self.received: list[Any] = []

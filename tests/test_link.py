@@ -18,6 +18,7 @@ from mirror_actors import (
     Entries,
     HandshakeTimeout,
     LinkNotConnected,
+    MirrorError,
     MirrorPromoted,
     ObserverRoleViolation,
     ProtocolVersionMismatch,
@@ -234,6 +235,30 @@ def test_a_closing_source_is_noticed_at_once(standalone: Any, source: SourceServ
     assert type(error).__name__ == "SourceShutdown" and not error.hard
     with pytest.raises(type(error)):
         stream.recv(timeout=WAIT)
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_a_source_closing_right_after_its_ack_leaves_the_link_disconnected(
+    pki: DevPki, round_: int
+) -> None:
+    # Found by the soak: a source stopping while it accepts a mirror sends the
+    # ack and its close back to back; the loss used to reach the link before
+    # the dial's outcome, was ignored, and the link stayed CONNECTED for ever.
+    pair = pki.source(CLUSTER)
+    with RogueSource(
+        str(pair.cert), str(pair.key), accept(CLUSTER), close_after_hello=0x06
+    ) as rogue:
+        link = SourceLink.start(config_for(pki, rogue.port))
+        try:
+            try:
+                link.ask(Connect(), timeout=WAIT)
+            except MirrorError:
+                pass  # the close may also come first: then the dial fails, which is right too
+            wait_until(lambda: status(link).state is LinkState.DISCONNECTED, what="the loss")
+            error = status(link).last_error
+        finally:
+            link.stop()
+    assert type(error).__name__ == "SourceShutdown"
 
 
 def test_a_silent_source_is_noticed_within_the_idle_timeout(

@@ -126,9 +126,12 @@ def test_nothing_is_lost_under_a_fault_schedule(pki: DevPki, seed: int) -> None:
         last = store["orders"].last_lsn
         assert last == TOTAL_ENTRIES
         for replica in replicas:
-            _wait_until(
-                lambda r=replica: _status(r).applied_lsn == last, 60, "every mirror to catch up"
-            )
+            try:
+                _wait_until(
+                    lambda r=replica: _status(r).applied_lsn == last, 60, "every mirror to catch up"
+                )
+            except AssertionError as error:
+                raise AssertionError(f"{error}; the one behind: {_status(replica)}") from None
         restarts = [_status(replica).supervision.restarts for replica in replicas]
     finally:
         stop_traffic.set()
