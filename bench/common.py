@@ -388,6 +388,7 @@ def machine_info() -> dict[str, Any]:
         load = (-1.0, -1.0, -1.0)
     return {
         "cpu_model": cpu,
+        "switch_interval": sys.getswitchinterval(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),

@@ -136,7 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="figure 4: cProfile the QUIC loop thread during the first connect (printed)",
     )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        metavar="SECONDS",
+        help=(
+            "set sys.setswitchinterval first (CPython's default is 0.005): how long a "
+            "thread keeps the GIL while others wait, which is what timers wait for under load"
+        ),
+    )
     args = parser.parse_args(argv)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     sizes = Sizes.quick() if args.quick else Sizes.full()
     if args.links is not None:
         sizes = replace(sizes, scale_links=args.links)
@@ -156,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = document["machine"]
     print(
         f"\nmachine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}; "
+        f"GIL switch interval {info['switch_interval'] * 1000:g} ms; "
         f"total {document['seconds']['total']:.0f} s"
     )
     if args.json is not None:
