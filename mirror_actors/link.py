@@ -271,12 +271,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
         if waiter is not None:
             self._waiters.append(waiter)
         if self._lifecycle.state is LinkState.DISCONNECTED:
-            try:
-                self._start_dial()
-            except Exception as error:
-                # The reply was taken over: an exception here would reach no caller.
-                self._log.exception("could not start a dial")
-                self._failed(TransportError(f"could not start a dial: {error!r}"), during_dial=True)
+            self._start_dial()
         return None
 
     def _open_stream(self, listener: StreamListener | None) -> LinkStream:
@@ -309,13 +304,21 @@ class SourceLink(DeferredReplies, SupervisedActor):
             self._quic_loop,
             on_lost=lambda error: _tell(me, _ConnectionLost(generation, error)),
         )
-        self._connection = connection
         self._log.info(
             "dialing {} (last applied LSN {})", self.config.target, self.last_applied_lsn
         )
-        self._dial = self._quic_loop.submit(
-            _dial_and_report(me, generation, connection, self.last_applied_lsn)
-        )
+        dial = _dial_and_report(me, generation, connection, self.last_applied_lsn)
+        try:
+            self._dial = self._quic_loop.submit(dial)
+        except Exception as error:
+            # The loop thread is gone. Reported as a failed dial, so the link is
+            # DISCONNECTED again and a restart dials anew instead of finding it
+            # CONNECTING with nothing running.
+            dial.close()
+            self._log.exception("could not start a dial")
+            self._failed(TransportError(f"could not start a dial: {error!r}"), during_dial=True)
+            return
+        self._connection = connection
 
     def _dial_finished(self, result: _DialFinished) -> None:
         if result.generation != self._generation:

@@ -84,12 +84,14 @@ class LoopThread:
             logger.warning("loop thread {} did not stop within {} s", self.name, timeout)
         self._thread = None
 
-    def call_soon(self, callback: Callable[..., object], *args: object) -> None:
-        """Run ``callback(*args)`` on the loop thread; dropped if the loop has stopped."""
+    def call_soon(self, callback: Callable[..., object], *args: object) -> bool:
+        """Run ``callback(*args)`` on the loop thread; False (and dropped) if it is not running."""
         try:
             self.loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:
-            logger.debug("loop thread {} already stopped; dropped {}", self.name, callback)
+            logger.debug("loop thread {} is not running; dropped {}", self.name, callback)
+            return False
+        return True
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)

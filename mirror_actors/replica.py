@@ -19,7 +19,7 @@ from loguru import logger
 
 from supervisors import ChildSpec, ChildState, ChildStatus, Supervisor, SupervisorStrategy
 
-from .errors import MirrorError
+from .errors import MirrorError, TransportError
 from .link import FailLink, GetStatus, LinkDown, LinkUp, OpenStream, SourceLink, link_strategy
 from .link_config import LinkConfig
 from .link_state import LinkStatus
@@ -30,6 +30,9 @@ from .stream import Delivery, LinkStream
 
 LINK_CHILD_ID = "link"
 STATUS_ASK_TIMEOUT = 2.0
+# The link answers OpenStream at once unless its thread is starved; past this
+# the replica gives up on that connection rather than wait on it for ever.
+OPEN_STREAM_TIMEOUT = 10.0
 
 
 @frozen
@@ -193,11 +196,24 @@ class MirrorDatabase(Supervisor):
         stream: LinkStream | None = None
         try:
             stream = cast(
-                LinkStream, link.ask(OpenStream(listener=listener), timeout=STATUS_ASK_TIMEOUT)
+                LinkStream, link.ask(OpenStream(listener=listener), timeout=OPEN_STREAM_TIMEOUT)
             )
             self._cursor.restart()
             stream.send(Subscribe(self._cursor.subscribe_from))
-        except (MirrorError, pykka.ActorDeadError, pykka.Timeout) as error:
+        except pykka.Timeout:
+            # The link will still open that stream, for nobody: no LinkUp would
+            # ever follow on this connection, so have the link replace it.
+            self._replica_log.warning(
+                "the link did not open a stream within {} s; reconnecting", OPEN_STREAM_TIMEOUT
+            )
+            _tell_link(
+                link,
+                FailLink(
+                    TransportError(f"the link did not open a stream within {OPEN_STREAM_TIMEOUT} s")
+                ),
+            )
+            return
+        except (MirrorError, pykka.ActorDeadError) as error:
             # The link went down again meanwhile; its LinkDown/LinkUp will follow.
             self._replica_log.debug("could not open a replication stream: {}", error)
             if stream is not None and isinstance(error, MirrorError):
@@ -266,7 +282,11 @@ class MirrorDatabase(Supervisor):
         link = self._link
         self._drop_stream()
         if link is not None:
-            try:
-                link.tell(FailLink(error, stream))
-            except pykka.ActorDeadError:
-                pass
+            _tell_link(link, FailLink(error, stream))
+
+
+def _tell_link(link: pykka.ActorRef[Any], message: FailLink) -> None:
+    try:
+        link.tell(message)
+    except pykka.ActorDeadError:
+        pass  # it stopped meanwhile; its supervisor (this replica) hears of that anyway

@@ -365,7 +365,11 @@ class SourceServer:
             if self._pump_scheduled:
                 return
             self._pump_scheduled = True
-        self._loop_thread.call_soon(self._pump_all)
+        if not self._loop_thread.call_soon(self._pump_all):
+            # Stopped or not yet started (an append racing stop() or start()):
+            # nothing will run the pump, so the next append must schedule it.
+            with self._pump_lock:
+                self._pump_scheduled = False
 
     def _pump_all(self) -> None:
         with self._pump_lock:

@@ -364,7 +364,9 @@ class SourceSession:
                 subscription.next_lsn, self.settings.batch_max_entries, self.settings.batch_bytes
             )
         except LookupError:
-            return None
+            # Compacted by another thread since the check above: the snapshot is there now.
+            self._start_snapshot_if_needed(subscription)
+            return self._next_frame(subscription) if subscription.snapshot is not None else None
         if not batch:
             return None
         subscription.next_lsn = batch[-1].lsn + 1

@@ -127,6 +127,8 @@ class LinkStream:
         if not self._closed:
             self._closed = True
             self._connection.submit_close_stream(self)
+            if self._listener is None:
+                self._inbox.put(StreamClosed())  # wakes a reader blocked in recv()
 
     def __enter__(self) -> LinkStream:
         return self

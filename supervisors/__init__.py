@@ -19,6 +19,7 @@ from supervisors.errors import (
     RestartIntensityExceeded,
     StashOverflow,
     SupervisorError,
+    SupervisorShutDown,
     SupervisorStopped,
 )
 from supervisors.failure import EscalationEvent, Failure
@@ -86,6 +87,7 @@ __all__ = [
     "SupervisedActor",
     "Supervisor",
     "SupervisorError",
+    "SupervisorShutDown",
     "SupervisorStopped",
     "SupervisorStrategy",
     "TimerHandle",

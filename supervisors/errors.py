@@ -73,6 +73,19 @@ class SupervisorStopped(SupervisorError):
         )
 
 
+class SupervisorShutDown(SupervisorError):
+    """A request reached a supervisor that has already stopped its children."""
+
+    def __init__(self, supervisor: str, request: object) -> None:
+        self.supervisor = supervisor
+        self.request = request
+        super().__init__(
+            f"supervisor {supervisor!r} has stopped its children (it escalated or is "
+            f"stopping) and takes no more {type(request).__name__}; send it to the "
+            "supervisor that replaces it"
+        )
+
+
 class NormalExit(Exception):
     """Reported as the error of a permanent child that stopped without failing.
 

@@ -24,6 +24,7 @@ from supervisors.errors import (
     NormalExit,
     RestartIntensityExceeded,
     SupervisorError,
+    SupervisorShutDown,
     SupervisorStopped,
 )
 from supervisors.failure import EscalationEvent, Failure
@@ -169,6 +170,12 @@ class Supervisor(SupervisedActor):
             return None
 
     def _on_request(self, message: Any) -> Any:
+        if self._shut_down and isinstance(
+            message, SendToChild | StartChild | StopChild | RestartChild | ResetBackoff
+        ):
+            # Queued before the escalation's stop: acting on it would start
+            # children that nobody stops, on a clock already closed.
+            raise SupervisorShutDown(self.name, message)
         now = self.clock.now()
         if isinstance(message, WhichChildren):
             return [r.status(now, self.strategy.reset_after) for r in self._records.values()]

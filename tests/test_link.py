@@ -31,6 +31,7 @@ from mirror_actors import (
 from mirror_actors.link import (
     Connect,
     Disconnect,
+    FailLink,
     GetStatus,
     OpenStream,
     Promote,
@@ -179,6 +180,29 @@ def test_streams_are_usable_from_other_threads(standalone: Any, source: SourceSe
     assert [r.entries[0].data for r in results] == [b"shared"] * 4
 
 
+def test_closing_a_stream_wakes_a_reader_blocked_without_a_timeout(standalone: Any) -> None:
+    standalone.ask(Connect())
+    stream = standalone.ask(OpenStream())
+    stream.send(Subscribe(1))
+    outcome: list[BaseException] = []
+    reading = threading.Event()
+
+    def read() -> None:
+        reading.set()
+        try:
+            stream.recv()
+        except BaseException as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert reading.wait(WAIT)
+    stream.close()
+    reader.join(WAIT)
+    assert not reader.is_alive()
+    assert type(outcome[0]).__name__ == "StreamClosed"
+
+
 def test_open_stream_on_a_link_that_is_not_connected_fails_at_once(standalone: Any) -> None:
     with pytest.raises(LinkNotConnected, match="send Connect first"):
         standalone.ask(OpenStream())
@@ -259,6 +283,45 @@ def test_a_source_closing_right_after_its_ack_leaves_the_link_disconnected(
         finally:
             link.stop()
     assert type(error).__name__ == "SourceShutdown"
+
+
+def test_a_dial_that_cannot_start_is_a_failure_not_a_link_stuck_connecting(
+    pki: DevPki, source: SourceServer
+) -> None:
+    link = SourceLink.start(config_for(pki, source.port))
+    quic_loop = QuicLoop.acquire()  # the link's own loop
+    try:
+        quic_loop.stop()  # gone under the link
+        for _ in range(2):  # not stuck: every Connect tries again and says why it failed
+            with pytest.raises(TransportError, match="could not start a dial"):
+                link.ask(Connect(), timeout=WAIT)
+            assert status(link).state is LinkState.DISCONNECTED
+        assert status(link).attempts == 2
+    finally:
+        link.stop()
+        QuicLoop.release()
+
+
+def test_a_supervised_link_whose_loop_is_gone_keeps_retrying(
+    pki: DevPki, source: SourceServer
+) -> None:
+    clock = ManualClock()
+    supervisor, escalations = supervise(config_for(pki, source.port), clock=clock)
+    quic_loop = QuicLoop.acquire()
+    try:
+        link = supervisor.ask(GetChild("link"))
+        wait_until(lambda: status(link).state is LinkState.CONNECTED)
+        quic_loop.stop()
+        link.tell(FailLink(TransportError("the test fails the link")))
+        for attempt in range(2, 5):  # each restart dials, fails at once and reports again
+            clock.advance_to_next()
+            wait_until(lambda a=attempt: status(link).attempts == a, what=f"dial {attempt}")
+            wait_until(lambda: status(link).state is LinkState.DISCONNECTED)
+        assert "could not start a dial" in str(status(link).last_error)
+        assert not escalations.events
+    finally:
+        supervisor.stop()
+        QuicLoop.release()
 
 
 def test_a_silent_source_is_noticed_within_the_idle_timeout(

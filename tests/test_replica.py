@@ -14,7 +14,8 @@ from typing import Any, cast
 
 import pytest
 
-from mirror_actors.link import link_strategy
+from mirror_actors import replica as replica_module
+from mirror_actors.link import OpenStream, SourceLink, link_strategy
 from mirror_actors.link_config import LinkConfig
 from mirror_actors.pki import DevPki
 from mirror_actors.protocol import Entries, Entry, HelloAck, SnapshotChunk, encode_frame
@@ -322,3 +323,42 @@ def test_a_stream_the_source_ends_alone_is_replaced(pki: DevPki) -> None:
         finally:
             replica.stop()
     assert subscriptions[:3] == [1, 2, 3]
+
+
+class _SlowToOpenLink(SourceLink):
+    """Answers its first OpenStream late, as a link starved of the GIL would."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slow = True
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, OpenStream) and self.slow:
+            self.slow = False
+            time.sleep(0.5)
+        return super().on_receive(message)
+
+
+class _ReplicaWithSlowLink(MirrorDatabase):
+    def _start_link(self, parent: Any) -> Any:
+        return _SlowToOpenLink.start(self.config, parent=parent, watcher=parent)
+
+
+def test_a_link_too_slow_to_open_the_stream_is_replaced_not_left_idle(
+    pki: DevPki, store: SourceStore, source: SourceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stream the late answer opens is nobody's; the replica used to wait for
+    # a LinkUp that never came while the connection stayed up.
+    monkeypatch.setattr(replica_module, "OPEN_STREAM_TIMEOUT", 0.1)
+    for i in range(10):
+        store["orders"].append(b"entry %d" % i)
+    replica = _ReplicaWithSlowLink.start(
+        config(pki, source.port), MemoryReplicaStore(), strategy=fast_strategy()
+    )
+    try:
+        wait_until(lambda: status(replica).applied_lsn == 10, what="catch-up")
+        final = status(replica)
+    finally:
+        replica.stop()
+    assert final.supervision.restarts == 1
+    assert final.link is not None and final.link.attempts == 2

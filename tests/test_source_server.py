@@ -12,6 +12,7 @@ import pytest
 from aioquic.quic.events import StreamReset
 
 from mirror_actors.errors import ErrorCode
+from mirror_actors.loop_thread import LoopThread
 from mirror_actors.pki import CertificateAuthority, DevPki, write_pair
 from mirror_actors.protocol import (
     NO_SNAPSHOT,
@@ -297,6 +298,36 @@ def test_restarted_source_serves_the_same_store(pki: DevPki) -> None:
 
         entries = run(scenario())
     assert [e.data for e in entries] == [b"0", b"1", b"2", b"3", b"4", b"after"]
+
+
+def test_an_append_racing_a_restart_does_not_stop_later_pushes(
+    pki: DevPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = make_server(pki)
+    server.start()
+    server.stop()
+    real_start = LoopThread.start
+
+    def start_behind_a_straggler(self: LoopThread, *args: Any, **kwargs: Any) -> Any:
+        # An appender that took the listeners before stop() reaches the server
+        # while start() is under way, before its loop runs.
+        server._on_append("orders", 1)
+        return real_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoopThread, "start", start_behind_a_straggler)
+    with server:
+        monkeypatch.undo()
+
+        async def scenario() -> list[Any]:
+            async with mirror(server, pki) as client:
+                await accepted(client)
+                stream = client.open_stream()
+                client.send(stream, Subscribe(1))
+                await asyncio.to_thread(server.append, "orders", b"pushed")
+                return await asyncio.wait_for(collect_entries(client, stream, 1), 5)
+
+        entries = run(scenario())
+    assert [e.data for e in entries] == [b"pushed"]
 
 
 # -- misbehaving mirrors ------------------------------------------------------

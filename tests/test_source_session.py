@@ -425,6 +425,30 @@ def test_compaction_overtaking_a_subscriber_sends_the_new_snapshot() -> None:
     assert [e.lsn for e in entries_of(new)] == [7, 8]
 
 
+def test_a_compaction_between_the_snapshot_check_and_the_read_still_sends_the_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The store is compacted from another thread while the loop thread pumps:
+    # here right after the pump found no snapshot was needed.
+    log, _, mirror = connected(3)
+    mirror.send(4, Subscribe(1))
+    for i in range(4, 9):
+        log.append(b"%d" % i)
+    checked = log.needs_snapshot
+
+    def check_then_compact(from_lsn: int) -> bool:
+        answer = checked(from_lsn)
+        if log.snapshot is None:
+            log.compact(6)
+        return answer
+
+    monkeypatch.setattr(log, "needs_snapshot", check_then_compact)
+    new = [f for _, f in mirror.pump()]
+    chunks = _chunks(new)
+    assert chunks and chunks[-1].done and chunks[0].snapshot_lsn == 6
+    assert [e.lsn for e in entries_of(new)] == [7, 8]
+
+
 def test_ack_frames_are_accepted_and_tracked() -> None:
     _, session, mirror = connected(3)
     mirror.send(4, Subscribe(1))

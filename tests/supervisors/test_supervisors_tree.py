@@ -28,9 +28,13 @@ from supervisors import (
     EscalationEvent,
     ExponentialBackoff,
     GetChild,
+    RestartChild,
     SendToChild,
+    StartChild,
+    Stop,
     SupervisedActor,
     Supervisor,
+    SupervisorShutDown,
 )
 from supervisors.testing import ManualClock
 
@@ -98,6 +102,36 @@ def test_an_escalating_child_supervisor_is_restarted_by_its_parent() -> None:
         assert statuses(new_mid)["leaf"].state is ChildState.RUNNING
     finally:
         root.stop()
+
+
+def test_requests_queued_behind_an_escalation_are_refused_not_acted_on() -> None:
+    clock, probe = ManualClock(), Probe()
+    deciding = threading.Event()
+    gate = threading.Event()
+
+    def slow_escalation(failure: Any) -> Escalate:
+        deciding.set()
+        gate.wait(WAIT)  # holds the supervisor while requests queue up behind the failure
+        return Escalate()
+
+    mid = sub_supervisor("mid", [worker("leaf", probe)], clock, strategy=slow_escalation)
+    root = Supervisor.start(
+        children=[mid], clock=clock, strategy=CallableStrategy(lambda f: Stop()), name="root"
+    )
+    try:
+        old_mid = root.ask(GetChild("mid"), timeout=WAIT)
+        old_mid.tell(SendToChild("leaf", ("crash", TransientError("flaky"))))
+        assert deciding.wait(WAIT)
+        started_late = old_mid.ask(StartChild(worker("late", probe)), block=False)
+        restarted = old_mid.ask(RestartChild("leaf"), block=False)
+        gate.set()
+        for reply in (started_late, restarted):
+            with pytest.raises(SupervisorShutDown, match="takes no more"):
+                reply.get(timeout=WAIT)
+    finally:
+        gate.set()
+        root.stop()
+    assert [event[1] for event in probe.of("start")] == ["leaf"], "nothing started after"
 
 
 def test_stopping_stops_children_in_reverse_start_order_including_subtrees() -> None:
