@@ -47,6 +47,7 @@ def test_fan_in_follows_three_clusters_through_a_restart_and_a_cut() -> None:
     assert {name.split("/")[1] for name in links} == {"us-east", "eu-west", "ap-south"}
     assert links["mirror/eu-west/orders"].restarts >= 1  # type: ignore[attr-defined]
     assert links["mirror/us-east/orders"].restarts == 0  # type: ignore[attr-defined]
+    assert links["mirror/us-east/users"].restarts >= 1  # type: ignore[attr-defined]
 
 
 def test_fan_out_three_mirrors_of_one_source() -> None:
