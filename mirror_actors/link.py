@@ -312,10 +312,12 @@ class SourceLink(DeferredReplies, SupervisedActor):
             self._dial = self._quic_loop.submit(dial)
         except Exception as error:
             # The loop thread is gone. Reported as a failed dial, so the link is
-            # DISCONNECTED again and a restart dials anew instead of finding it
-            # CONNECTING with nothing running.
+            # DISCONNECTED again and its next attempt dials on a new loop instead
+            # of finding the link CONNECTING with nothing running.
             dial.close()
             self._log.exception("could not start a dial")
+            QuicLoop.release()
+            self._quic_loop = QuicLoop.acquire()
             self._failed(TransportError(f"could not start a dial: {error!r}"), during_dial=True)
             return
         self._connection = connection

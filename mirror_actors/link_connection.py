@@ -192,10 +192,12 @@ class LinkConnection:
     # -- after the handshake ---------------------------------------------------------
 
     def submit_open_stream(self, stream: LinkStream) -> None:
-        self._quic_loop.call_soon(self._open_stream, stream)
+        if not self._quic_loop.call_soon(self._open_stream, stream):
+            stream._fail(TransportError("the QUIC loop thread is not running"))
 
     def submit_send(self, stream: LinkStream, data: bytes, acked_bytes: int = 0) -> None:
-        self._quic_loop.call_soon(self._send_on, stream, data, acked_bytes)
+        if not self._quic_loop.call_soon(self._send_on, stream, data, acked_bytes):
+            stream._fail(TransportError("the QUIC loop thread is not running"))
 
     def submit_close_stream(self, stream: LinkStream) -> None:
         self._quic_loop.call_soon(self._close_stream, stream)

@@ -85,7 +85,11 @@ class LoopThread:
         self._thread = None
 
     def call_soon(self, callback: Callable[..., object], *args: object) -> bool:
-        """Run ``callback(*args)`` on the loop thread; False (and dropped) if it is not running."""
+        """Run ``callback(*args)`` on the loop thread; False (and dropped) if it is not running.
+
+        True only means the loop took it: a loop stopping at that moment may
+        still drop it, so callers must not count on it running.
+        """
         try:
             self.loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:

@@ -40,7 +40,9 @@ class QuicLoop(LoopThread):
     def acquire(cls) -> QuicLoop:
         """The process's loop, started if nobody uses it yet; pair with ``release()``."""
         with cls._lock:
-            if cls._instance is None:
+            if cls._instance is None or not cls._instance.running:
+                # A loop thread that died is replaced; its users move over as
+                # they re-acquire (the count is of the process loop's users).
                 cls._instance = QuicLoop()
                 logger.debug("QUIC loop thread started")
             cls._users += 1

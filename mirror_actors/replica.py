@@ -202,7 +202,9 @@ class MirrorDatabase(Supervisor):
             stream.send(Subscribe(self._cursor.subscribe_from))
         except pykka.Timeout:
             # The link will still open that stream, for nobody: no LinkUp would
-            # ever follow on this connection, so have the link replace it.
+            # ever follow on this connection, so have the link replace it. This
+            # FailLink cannot hit a newer connection: one only comes after a
+            # restart that this replica orders later, behind it in the link's mailbox.
             self._replica_log.warning(
                 "the link did not open a stream within {} s; reconnecting", OPEN_STREAM_TIMEOUT
             )

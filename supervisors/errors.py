@@ -74,7 +74,7 @@ class SupervisorStopped(SupervisorError):
 
 
 class SupervisorShutDown(SupervisorError):
-    """A request reached a supervisor that has already stopped its children."""
+    """A request to start or restart a child reached a supervisor that already stopped its children."""
 
     def __init__(self, supervisor: str, request: object) -> None:
         self.supervisor = supervisor

@@ -170,9 +170,7 @@ class Supervisor(SupervisedActor):
             return None
 
     def _on_request(self, message: Any) -> Any:
-        if self._shut_down and isinstance(
-            message, SendToChild | StartChild | StopChild | RestartChild | ResetBackoff
-        ):
+        if self._shut_down and isinstance(message, StartChild | RestartChild):
             # Queued before the escalation's stop: acting on it would start
             # children that nobody stops, on a clock already closed.
             raise SupervisorShutDown(self.name, message)

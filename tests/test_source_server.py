@@ -323,6 +323,9 @@ def test_an_append_racing_a_restart_does_not_stop_later_pushes(
                 await accepted(client)
                 stream = client.open_stream()
                 client.send(stream, Subscribe(1))
+                # Subscribed first, so only the append's own push can deliver the entry.
+                while not any(c.subscriptions for c in server.connections()):
+                    await asyncio.sleep(0.005)
                 await asyncio.to_thread(server.append, "orders", b"pushed")
                 return await asyncio.wait_for(collect_entries(client, stream, 1), 5)
 
