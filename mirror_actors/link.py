@@ -317,6 +317,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
             dial.close()
             self._log.exception("could not start a dial")
             QuicLoop.release()
+            self._quic_loop = None  # released: not to be released again should acquire fail
             self._quic_loop = QuicLoop.acquire()
             self._failed(TransportError(f"could not start a dial: {error!r}"), during_dial=True)
             return
