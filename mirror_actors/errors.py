@@ -21,6 +21,8 @@ class ErrorCode(IntEnum):
     UNKNOWN_DATABASE = 0x04
     MALFORMED = 0x05
     SOURCE_SHUTDOWN = 0x06
+    DIVERGED = 0x07
+    OVERLOADED = 0x08
 
 
 # TLS alerts travel as QUIC CRYPTO_ERROR codes: 0x100 + alert number (RFC 9001 4.8).
@@ -141,6 +143,56 @@ class SourceShutdown(MirrorError):
         super().__init__("source shut down" + (f": {detail}" if detail else ""))
 
 
+class HistoryDiverged(MirrorError):
+    """The mirror's history is not the source's: never retried, never applied on top of."""
+
+    hard = True
+    code = ErrorCode.DIVERGED
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        lsn: int | None = None,
+        mirror_term: int | None = None,
+        source_term: int | None = None,
+    ) -> None:
+        self.detail = detail
+        self.lsn = lsn
+        self.mirror_term = mirror_term
+        self.source_term = source_term
+        super().__init__(
+            f"history diverged: {detail}; the replica is left as it was. Point the link at "
+            "the source this replica came from, or let it start over with "
+            'on_divergence="resync" (drops the replica\'s contents)'
+        )
+
+
+class SourceOverloaded(MirrorError):
+    """The source shed this connection (over its connection limit, or stalled); retry later."""
+
+    code = ErrorCode.OVERLOADED
+
+    def __init__(self, detail: str = "") -> None:
+        self.detail = detail
+        super().__init__("source overloaded" + (f": {detail}" if detail else ""))
+
+
+class SnapshotTooLarge(MirrorError):
+    """The source announced a snapshot larger than this mirror is configured to accept."""
+
+    hard = True
+
+    def __init__(self, total_bytes: int, limit: int) -> None:
+        self.total_bytes = total_bytes
+        self.limit = limit
+        super().__init__(
+            f"the source's snapshot is {total_bytes} bytes, more than max_snapshot_bytes "
+            f"({limit}); raise max_snapshot_bytes in the link configuration or compact less "
+            "on the source"
+        )
+
+
 class TlsVerificationError(MirrorError):
     """The TLS handshake failed verification (unknown CA, name mismatch, expiry, missing client cert)."""
 
@@ -224,6 +276,10 @@ def error_for_code(
             )
         case ErrorCode.SOURCE_SHUTDOWN:
             return SourceShutdown(detail)
+        case ErrorCode.DIVERGED:
+            return HistoryDiverged(f"the source reported: {detail}" if detail else "reported by the source")
+        case ErrorCode.OVERLOADED:
+            return SourceOverloaded(detail)
         case ErrorCode.NONE:
             return TransportError(
                 "the source closed the connection" + (f": {detail}" if detail else "")

@@ -115,10 +115,13 @@ class _FieldFrame:
 
     TYPE: ClassVar[FrameType]
     FIELDS: ClassVar[tuple[tuple[str, str], ...]]
+    # Fields a peer may leave out, with the value an absent one reads as.
+    OPTIONAL_FIELDS: ClassVar[tuple[tuple[str, str, object], ...]] = ()
 
     def to_payload(self) -> dict[str, Any]:
-        payload = {name: getattr(self, name) for name, _ in self.FIELDS}
-        for name, kind in self.FIELDS:
+        declared = self.FIELDS + tuple((name, kind) for name, kind, _ in self.OPTIONAL_FIELDS)
+        payload = {name: getattr(self, name) for name, _ in declared}
+        for name, kind in declared:
             value = payload[name]
             if not _KINDS[kind](value) and not (
                 kind.startswith("u") and _is_int_enum_in(value, kind)
@@ -131,7 +134,10 @@ class _FieldFrame:
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> Any:
         where = cls.TYPE.name
-        return cls(**{name: _take(where, payload, name, kind) for name, kind in cls.FIELDS})
+        values = {name: _take(where, payload, name, kind) for name, kind in cls.FIELDS}
+        for name, kind, default in cls.OPTIONAL_FIELDS:
+            values[name] = _take(where, payload, name, kind) if name in payload else default
+        return cls(**values)
 
 
 # --- frames -----------------------------------------------------------------
@@ -146,10 +152,14 @@ class Hello(_FieldFrame):
         ("last_applied_lsn", "u64"),
         ("protocol_version", "u16"),
     )
+    # PROTOCOL.md section 3: this project's addition; NodeDB's HELLO has no such
+    # key, and an absent one reads as 0 ("the mirror holds nothing" / unknown).
+    OPTIONAL_FIELDS = (("last_applied_term", "u64", 0),)
     source_cluster: str
     source_database_id: str
     last_applied_lsn: int = 0
     protocol_version: int = PROTOCOL_VERSION
+    last_applied_term: int = 0
 
 
 @frozen
