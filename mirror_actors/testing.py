@@ -19,6 +19,15 @@ a failing fault schedule can be replayed.
         proxy.block("to_mirror")           # the source's replies vanish
         proxy.partition(0.5)               # black hole for 0.5 s, then heal itself
         proxy.heal()                       # a perfect network again
+
+The proxy opens one upstream socket per mirror address.  One whose mirror
+address has been silent in both directions (nothing from the mirror, nothing
+from the source for it) for ``upstream_idle_timeout`` seconds is closed and
+forgotten, so a long run with many short-lived connections does not pile up
+sockets; ``upstream_count`` is how many are open.  A datagram from the mirror
+counts as activity even when a fault drops it, so a partition never reaps a
+mirror that is still trying to get through.  Keep the timeout well above the
+QUIC idle timeouts in use.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ Direction = Literal["both", "to_source", "to_mirror"]
 DIRECTIONS: tuple[str, str] = ("to_source", "to_mirror")
 # Datagrams a mirror sends while its upstream socket is still being opened.
 MAX_EARLY_DATAGRAMS = 64
+# An upstream socket silent for this long in both directions is closed.  Well
+# above the QUIC idle timeouts tests use (about 5 s), so a live but quiet link,
+# or one waiting out a cut, keeps its socket.
+DEFAULT_UPSTREAM_IDLE_TIMEOUT = 30.0
 
 
 def _directions(direction: Direction) -> tuple[str, ...]:
@@ -65,7 +78,8 @@ class ProxyStats:
     dropped_to_mirror: int = 0
     blocked: int = 0  # dropped because the direction was blocked (part of ``dropped``)
     delayed: int = 0  # forwarded later than received
-    peers: int = 0  # distinct mirror addresses seen
+    peers: int = 0  # upstream sockets opened: one per mirror address, again after a reap
+    reaped: int = 0  # upstream sockets closed because their mirror address went idle
 
     def count(self, direction: str, *, dropped: bool) -> None:
         if dropped:
@@ -106,12 +120,21 @@ class _Upstream(asyncio.DatagramProtocol):
         self.client = client
         self.transport: asyncio.DatagramTransport | None = None
         self.early: list[bytes] = []  # sent by the mirror before the socket was open
+        self.last_active = 0.0  # loop time of the last datagram either way
+        self.closed = False  # reaped or released: forgotten by the proxy
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.last_active = self.proxy._loop_thread.loop.time()
         self.proxy._forward(data, "to_mirror", self.proxy._send_to_mirror, self.client)
+
+    def close(self) -> None:
+        self.closed = True
+        self.early.clear()
+        if self.transport is not None:
+            self.transport.close()
 
 
 class _Listener(asyncio.DatagramProtocol):
@@ -132,6 +155,10 @@ class UdpProxy:
     proxy listens (``port`` is then its port); ``stop()`` closes every socket and
     joins the thread.  Datagrams still waiting out a delay at ``stop()`` are lost,
     as they would be on a real network.
+
+    ``upstream_idle_timeout`` (seconds, > 0) is how long a mirror address may be
+    silent in both directions before its upstream socket is closed; ``None``
+    keeps every upstream socket until ``stop()``.
     """
 
     def __init__(
@@ -142,8 +169,14 @@ class UdpProxy:
         host: str = "127.0.0.1",
         port: int = 0,
         seed: int = 0,
+        upstream_idle_timeout: float | None = DEFAULT_UPSTREAM_IDLE_TIMEOUT,
     ) -> None:
+        if upstream_idle_timeout is not None and not upstream_idle_timeout > 0:
+            raise ValueError(
+                f"upstream_idle_timeout is seconds > 0 or None, got {upstream_idle_timeout}"
+            )
         self.upstream = (upstream_host, upstream_port)
+        self.upstream_idle_timeout = upstream_idle_timeout
         self.host = host
         self.seed = seed
         self._requested_port = port
@@ -157,6 +190,7 @@ class UdpProxy:
         self._listener: asyncio.DatagramTransport | None = None
         self._upstreams: dict[tuple[str, int], _Upstream] = {}
         self._heal_timer: asyncio.TimerHandle | None = None
+        self._reap_timer: asyncio.TimerHandle | None = None
 
     # -- faults (any thread) --------------------------------------------------------
 
@@ -217,6 +251,11 @@ class UdpProxy:
         with self._lock:
             return self.faults.blocked
 
+    @property
+    def upstream_count(self) -> int:
+        """Upstream sockets open (or opening) now: one per mirror address not yet reaped."""
+        return len(self._upstreams)
+
     def reset_stats(self) -> ProxyStats:
         """Start counting afresh; returns the counts so far."""
         with self._lock:
@@ -261,25 +300,51 @@ class UdpProxy:
             lambda: _Listener(self), local_addr=(self.host, self._requested_port)
         )
         port: int = transport.get_extra_info("sockname")[1]
+        self._schedule_reap(loop)
         return port
 
     def _release(self) -> None:
         with self._lock:
             self._cancel_heal_timer()
+        if self._reap_timer is not None:
+            self._reap_timer.cancel()
+            self._reap_timer = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
         for upstream in self._upstreams.values():
-            if upstream.transport is not None:
-                upstream.transport.close()
+            upstream.close()
         self._upstreams.clear()
 
+    def _schedule_reap(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.upstream_idle_timeout is not None:
+            # Checking twice per timeout reaps within 1.5 timeouts of the last datagram.
+            self._reap_timer = loop.call_later(self.upstream_idle_timeout / 2, self._reap)
+
+    def _reap(self) -> None:
+        """Close the upstream sockets of mirror addresses silent for the idle timeout."""
+        assert self.upstream_idle_timeout is not None
+        loop = self._loop_thread.loop
+        idle_since = loop.time() - self.upstream_idle_timeout
+        idle = [c for c, u in self._upstreams.items() if u.last_active < idle_since]
+        for client in idle:
+            self._upstreams.pop(client).close()
+        if idle:
+            with self._lock:
+                self.stats.reaped += len(idle)
+        self._schedule_reap(loop)
+
     def _from_mirror(self, data: bytes, client: tuple[str, int]) -> None:
+        loop = self._loop_thread.loop
         upstream = self._upstreams.get(client)
         if upstream is None:
             upstream = self._upstreams[client] = _Upstream(self, client)
-            self.stats.peers += 1
-            self._loop_thread.loop.create_task(self._open_upstream(upstream))
+            with self._lock:
+                self.stats.peers += 1
+            loop.create_task(self._open_upstream(upstream))
+        # Heard from the mirror, even if a fault drops the datagram: a mirror
+        # knocking on a partition is alive and must keep its socket.
+        upstream.last_active = loop.time()
         self._forward(data, "to_source", self._send_to_source, upstream)
 
     async def _open_upstream(self, upstream: _Upstream) -> None:
@@ -289,6 +354,9 @@ class UdpProxy:
             )
         except OSError:
             upstream.early.clear()  # unreachable upstream: as good as dropped
+            return
+        if upstream.closed:  # reaped or released while it was opening
+            upstream.close()
             return
         early, upstream.early = upstream.early, []
         for data in early:
@@ -328,6 +396,8 @@ class UdpProxy:
     def _send_to_source(self, data: bytes, upstream: object) -> None:
         assert isinstance(upstream, _Upstream)
         transport = upstream.transport
+        if upstream.closed:
+            return  # reaped while this datagram waited out a delay
         if transport is None:
             if len(upstream.early) < MAX_EARLY_DATAGRAMS:
                 upstream.early.append(data)

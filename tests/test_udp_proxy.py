@@ -290,3 +290,100 @@ def test_a_link_replicates_through_a_lossy_reordering_proxy(pki: DevPki) -> None
             link.stop()
     assert got == [b"e%d" % i for i in range(200)]
     assert proxy.stats.dropped > 0
+
+
+IDLE = 0.2  # a short upstream idle timeout, so reaping shows within a test
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_idle_upstream_sockets_are_reaped_and_fds_drop_back(echo: EchoServer) -> None:
+    with UdpProxy(echo.port, upstream_idle_timeout=IDLE) as proxy:
+        assert proxy.upstream_count == 0
+        fds = open_fds()
+        peak = 0
+        addresses = set()
+        for i in range(150):
+            short_lived = Client(proxy.port)
+            try:
+                addresses.add(short_lived.socket.getsockname())
+                short_lived.send(b"hello %d" % i)
+                assert short_lived.recv() == b"hello %d" % i
+                peak = max(peak, proxy.upstream_count)
+            finally:
+                short_lived.close()
+        # The kernel may hand a closed client's port to a later one: the same
+        # address to the proxy, so it shares the not-yet-reaped upstream socket.
+        assert proxy.stats.peers >= len(addresses) > 100
+        assert peak > 1, "upstream sockets pile up until they are reaped"
+        wait_until(lambda: proxy.upstream_count == 0, what="every idle upstream reaped")
+        assert proxy.stats.reaped == proxy.stats.peers
+        wait_until(lambda: open_fds() <= fds, what="the reaped sockets' fds released")
+
+
+def test_a_live_client_keeps_its_socket_across_reap_cycles(echo: EchoServer, client: Any) -> None:
+    with UdpProxy(echo.port, upstream_idle_timeout=IDLE) as proxy:
+        live, quiet = client(proxy.port), client(proxy.port)
+        quiet.send(b"once")
+        assert quiet.recv() == b"once"
+        reaped = proxy.stats.reaped
+        n = 0
+        # Keep talking until the quiet one has been reaped and one more reap cycle ran.
+        deadline = time.monotonic() + WAIT
+        while proxy.stats.reaped == reaped or n < 2 * IDLE / 0.02:
+            assert time.monotonic() < deadline, "the quiet client was never reaped"
+            live.send(b"ping %d" % n)
+            assert live.recv() == b"ping %d" % n
+            n += 1
+            time.sleep(0.02)  # pacing, not synchronisation
+        assert proxy.stats.reaped == reaped + 1
+        assert proxy.upstream_count == 1
+        assert proxy.stats.peers == 2, "the live client's upstream socket was never replaced"
+        live.send(b"still here")
+        assert live.recv() == b"still here"
+
+
+def test_a_client_knocking_on_a_partition_is_not_reaped(echo: EchoServer, client: Any) -> None:
+    with UdpProxy(echo.port, upstream_idle_timeout=IDLE) as proxy:
+        knocking, quiet = client(proxy.port), client(proxy.port)
+        for sender in (knocking, quiet):
+            sender.send(b"hi")
+            assert sender.recv() == b"hi"
+        proxy.block()
+        deadline = time.monotonic() + WAIT
+        while proxy.stats.reaped == 0:  # every datagram dropped, but heard
+            assert time.monotonic() < deadline, "the quiet client was never reaped"
+            knocking.send(b"anyone?")
+            time.sleep(0.02)  # pacing, not synchronisation
+        assert proxy.stats.blocked > 0
+        assert proxy.upstream_count == 1
+        proxy.unblock()
+        knocking.send(b"back")
+        assert knocking.recv() == b"back"
+        assert proxy.stats.peers == 2, "the knocking client kept its upstream socket"
+
+
+def test_a_reaped_client_that_returns_gets_a_fresh_socket(echo: EchoServer, client: Any) -> None:
+    with UdpProxy(echo.port, upstream_idle_timeout=IDLE) as proxy:
+        sender = client(proxy.port)
+        sender.send(b"first")
+        assert sender.recv() == b"first"
+        wait_until(lambda: proxy.stats.reaped == 1, what="the idle upstream reaped")
+        assert proxy.upstream_count == 0
+        sender.send(b"again")
+        assert sender.recv() == b"again"
+        assert (proxy.upstream_count, proxy.stats.peers) == (1, 2)
+
+
+def test_the_idle_timeout_is_positive_or_none_for_never(echo: EchoServer, client: Any) -> None:
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError):
+            UdpProxy(echo.port, upstream_idle_timeout=bad)
+    with UdpProxy(echo.port, upstream_idle_timeout=None) as proxy:
+        sender = client(proxy.port)
+        sender.send(b"kept")
+        assert sender.recv() == b"kept"
+        assert proxy.upstream_count == 1
+    assert proxy.upstream_count == 0  # stop() releases it
