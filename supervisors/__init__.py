@@ -9,8 +9,10 @@ from supervisors.child import (
     RestartType,
 )
 from supervisors.clock import Clock, MonotonicClock, TimerHandle
+from supervisors.delays import MAX_DELAY_SECONDS, check_delay
 from supervisors.directives import Directive, Escalate, Restart, Resume, Stop
 from supervisors.errors import (
+    BrokenStrategy,
     ChildNotFound,
     ChildUnavailable,
     DuplicateChild,
@@ -49,7 +51,9 @@ from supervisors.supervisor import Supervisor, ask_child
 
 __all__ = [
     "DEFAULT_RESET_AFTER",
+    "MAX_DELAY_SECONDS",
     "AskChild",
+    "BrokenStrategy",
     "CallableStrategy",
     "ChildCounts",
     "ChildNotFound",
@@ -94,6 +98,7 @@ __all__ = [
     "WhichChildren",
     "as_strategy",
     "ask_child",
+    "check_delay",
     "delay_bounds",
     "is_hard_error",
     "nominal_delay",

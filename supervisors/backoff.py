@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Callable
 
@@ -36,13 +37,19 @@ def nominal_delay(failures_in_a_row: int, base: float, factor: float, max_delay:
     """Delay before the n-th consecutive failure's restart, without jitter."""
     if failures_in_a_row < 1:
         raise ValueError(f"failures_in_a_row counts from 1, got {failures_in_a_row}")
-    # Computing factor**(n-1) for a child that failed thousands of times would
-    # overflow; once the cap is reached the exponent no longer matters.
-    delay = base
-    for _ in range(failures_in_a_row - 1):
-        delay *= factor
-        if delay >= max_delay:
-            return max_delay
+    exponent = failures_in_a_row - 1
+    if exponent == 0 or factor == 1.0 or base >= max_delay:
+        return min(max_delay, base)
+    # factor**(n-1) for a child that failed thousands of times would overflow,
+    # and multiplying n times would take as long as the outage; compare in
+    # log space instead: once the cap is reached the exponent no longer matters.
+    log_delay = math.log(base) + exponent * math.log(factor)
+    if log_delay >= math.log(max_delay):
+        return max_delay
+    try:
+        delay = base * factor**exponent
+    except OverflowError:  # a subnormal base: factor**exponent alone is too large
+        delay = math.exp(log_delay)
     return min(max_delay, delay)
 
 
@@ -63,7 +70,10 @@ def jittered_delay(
     """Apply one jitter kind to a nominal delay; see `JitterKind` for the bounds."""
     if kind is JitterKind.NONE:
         return nominal
-    unit = min(max(unit_random(), 0.0), 1.0)
+    drawn = unit_random()
+    if isinstance(drawn, bool) or not isinstance(drawn, int | float) or math.isnan(drawn):
+        raise ValueError(f"the random source must return floats in [0, 1), got {drawn!r}")
+    unit = min(max(float(drawn), 0.0), 1.0)
     if kind is JitterKind.UNIFORM:
         return nominal * _between(1.0 - jitter, 1.0 + jitter, unit)
     if kind is JitterKind.FULL:

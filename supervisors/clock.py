@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 
 from loguru import logger
 
+from supervisors.delays import check_delay
+
 
 class TimerHandle(Protocol):
     def cancel(self) -> None:
@@ -28,7 +30,12 @@ class Clock(Protocol):
         """Monotonic seconds; only differences matter."""
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        """Run `callback` once, `delay` seconds from now."""
+        """Run `callback` once, `delay` seconds from now.
+
+        Refuse (ValueError in the caller) a delay that is not a finite number of
+        seconds in [0, MAX_DELAY_SECONDS]; a callback that raises must not keep
+        the clock's other timers from firing.
+        """
 
 
 @runtime_checkable
@@ -50,11 +57,36 @@ class ScheduledTimer:
         self.cancelled = True
 
 
+_LONGEST_WAIT = 60.0
+"""The timer thread wakes up at least this often; a wait is never handed a huge timeout."""
+
+
+def run_timer(timer: ScheduledTimer, clock_name: str) -> None:
+    """Run one timer's callback unless it was cancelled; log whatever it raises.
+
+    Nothing a callback raises, not even SystemExit, may end the thread that runs
+    every other timer.
+    """
+    if timer.cancelled:
+        return
+    try:
+        timer.callback()
+    except BaseException:
+        logger.opt(exception=True).error(
+            "clock {!r}: timer callback {!r} raised; the other timers keep running",
+            clock_name,
+            timer.callback,
+        )
+
+
 class MonotonicClock:
     """The real clock: `time.monotonic` and one timer thread for all its timers.
 
     The thread starts with the first timer and ends with `close()`; a supervisor
-    closes the clock it created itself when it stops.
+    closes the clock it created itself when it stops. `call_later` refuses a
+    delay that is not a finite number in [0, MAX_DELAY_SECONDS] with ValueError
+    in the caller, and a callback that raises is logged, so no timer can stop
+    the thread the others run on.
     """
 
     def __init__(self, name: str = "supervisors-timer") -> None:
@@ -69,12 +101,17 @@ class MonotonicClock:
         return time.monotonic()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        timer = ScheduledTimer(time.monotonic() + max(0.0, delay), callback)
+        seconds = check_delay(delay, "timer delay")
+        if not callable(callback):
+            raise TypeError(f"timer callback must be callable, got {callback!r}")
+        timer = ScheduledTimer(time.monotonic() + seconds, callback)
         with self._condition:
             if self._closed:
                 raise RuntimeError(f"clock {self._name!r} is closed; create a new one")
             heapq.heappush(self._heap, (timer.due, next(self._sequence), timer))
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
+                if self._thread is not None:
+                    logger.error("clock {!r}: the timer thread had died; restarting it", self._name)
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
             self._condition.notify()
@@ -98,20 +135,20 @@ class MonotonicClock:
 
     def _run(self) -> None:
         while True:
-            with self._condition:
-                while not self._closed:
-                    if not self._heap:
-                        self._condition.wait()
-                        continue
-                    wait = self._heap[0][0] - time.monotonic()
-                    if wait <= 0:
-                        break
-                    self._condition.wait(wait)
-                if self._closed:
-                    return
-                _due, _seq, timer = heapq.heappop(self._heap)
-            if not timer.cancelled:
-                try:
-                    timer.callback()
-                except Exception:
-                    logger.exception("timer callback failed")
+            timer = self._next_due()
+            if timer is None:
+                return
+            run_timer(timer, self._name)
+
+    def _next_due(self) -> ScheduledTimer | None:
+        """Wait for the earliest timer to fall due and pop it; None once closed."""
+        with self._condition:
+            while not self._closed:
+                if not self._heap:
+                    self._condition.wait()
+                    continue
+                wait = self._heap[0][0] - time.monotonic()
+                if wait <= 0:
+                    return heapq.heappop(self._heap)[2]
+                self._condition.wait(min(wait, _LONGEST_WAIT))
+            return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+from supervisors.delays import check_delay
+
 
 @attrs.frozen
 class Resume:
@@ -14,20 +16,22 @@ class Resume:
     """
 
 
+def _restart_delay(value: float) -> float:
+    return check_delay(value, "Restart delay")
+
+
 @attrs.frozen
 class Restart:
     """Restart the child after `delay` seconds.
 
     A live child that reported its failure is restarted in place (`on_restart()`);
-    a dead child is replaced from its spec.
+    a dead child is replaced from its spec. `delay` must be a finite number in
+    [0, MAX_DELAY_SECONDS] (one day): `Restart(math.inf)`, `Restart(nan)`,
+    `Restart(-1)` or `Restart("5")` raise at once (ValueError, or TypeError for
+    a non-number), so a strategy that builds one is a broken strategy.
     """
 
-    delay: float = attrs.field(default=0.0)
-
-    @delay.validator
-    def _check_delay(self, _attribute: attrs.Attribute[float], value: float) -> None:
-        if value < 0:
-            raise ValueError(f"Restart delay must be >= 0 seconds, got {value}")
+    delay: float = attrs.field(default=0.0, converter=_restart_delay)
 
 
 @attrs.frozen

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from supervisors.delays import MAX_DELAY_SECONDS
+
 
 class SupervisorError(Exception):
     """Base class of every error the supervisors package raises on purpose."""
@@ -113,6 +115,34 @@ class RestartIntensityExceeded(Exception):
             f"child {child_id!r} failed again after {max_restarts} restarts within "
             f"{within:g} s; the supervisor gives up and escalates (raise max_restarts or "
             "within on the strategy if this is expected)"
+        )
+
+
+class BrokenStrategy(Exception):
+    """A strategy did not return a usable directive: the supervisor escalates this.
+
+    Raised as the escalated error when `decide` raised (also while building its
+    directive, e.g. `Restart(math.inf)`), or returned something that is not
+    `Resume()`, `Restart(delay)`, `Stop()` or `Escalate()` (`None`, say), or a
+    `Restart` whose delay is not a finite number in [0, MAX_DELAY_SECONDS].
+    `child_error` is the failure the strategy was deciding on; `__cause__` is
+    what `decide` raised, if it raised.
+    """
+
+    hard = False
+
+    def __init__(
+        self, strategy: object, child_id: str, child_error: BaseException, problem: str
+    ) -> None:
+        self.strategy = strategy
+        self.child_id = child_id
+        self.child_error = child_error
+        self.problem = problem
+        super().__init__(
+            f"broken strategy {strategy!r}: deciding on the failure of child {child_id!r} "
+            f"({child_error!r}), it {problem}; a strategy must return Resume(), "
+            f"Restart(delay) with a finite delay in [0, MAX_DELAY_SECONDS] ({MAX_DELAY_SECONDS:g} s), "
+            "Stop() or Escalate(), so the supervisor escalates instead: fix the strategy"
         )
 
 

@@ -12,6 +12,7 @@ from supervisors.backoff import (
     jittered_delay,
     nominal_delay,
 )
+from supervisors.delays import MAX_DELAY_SECONDS, check_delay, finite_number
 from supervisors.directives import Directive, Escalate, Restart
 from supervisors.failure import Failure
 from supervisors.scope import Scope
@@ -134,20 +135,29 @@ class ExponentialBackoff(SupervisorStrategy):
         scope: Scope = Scope.ONE_FOR_ONE,
         random: RandomSource | None = None,
     ) -> None:
+        base = check_delay(base, "base")
         if base <= 0:
-            raise ValueError(f"base must be > 0 seconds, got {base}")
+            raise ValueError(f"base must be > 0 seconds (the first delay), got {base!r}")
+        factor = finite_number(factor, "factor", unit="")
         if factor < 1:
-            raise ValueError(f"factor must be >= 1 (delays never shrink), got {factor}")
+            raise ValueError(f"factor must be >= 1 (delays never shrink), got {factor!r}")
+        max_delay = check_delay(max_delay, "max_delay")
         if max_delay < base:
-            raise ValueError(f"max_delay ({max_delay}) must be >= base ({base})")
+            raise ValueError(f"max_delay ({max_delay!r}) must be >= base ({base!r})")
+        jitter = finite_number(jitter, "jitter", unit="")
         if not 0 <= jitter < 1:
-            raise ValueError(f"jitter is a fraction in [0, 1), got {jitter}")
-        if reset_after is not None and reset_after <= 0:
-            raise ValueError(f"reset_after must be > 0 seconds or None, got {reset_after}")
+            raise ValueError(f"jitter is a fraction in [0, 1), got {jitter!r}")
+        if not isinstance(jitter_kind, JitterKind):
+            raise TypeError(f"jitter_kind must be a JitterKind, got {jitter_kind!r}")
+        if reset_after is not None:
+            reset_after = finite_number(reset_after, "reset_after")
+            if reset_after <= 0:
+                raise ValueError(f"reset_after must be > 0 seconds or None, got {reset_after!r}")
         if max_restarts is not None and max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0 or None, got {max_restarts}")
+            raise ValueError(f"max_restarts must be >= 0 or None, got {max_restarts!r}")
+        within = finite_number(within, "within")
         if within <= 0:
-            raise ValueError(f"within must be > 0 seconds, got {within}")
+            raise ValueError(f"within must be > 0 seconds, got {within!r}")
         self.base = base
         self.factor = factor
         self.max_delay = max_delay
@@ -165,7 +175,15 @@ class ExponentialBackoff(SupervisorStrategy):
         return nominal_delay(failures_in_a_row, self.base, self.factor, self.max_delay)
 
     def delay(self, failures_in_a_row: int, previous_delay: float | None = None) -> float:
-        return jittered_delay(
+        """The jittered delay, always within [0, MAX_DELAY_SECONDS].
+
+        Uniform jitter may go up to `max_delay * (1 + jitter)`, but never past
+        MAX_DELAY_SECONDS. Raises ValueError if `previous_delay` is not a valid
+        delay or the random source returns something other than a float in [0, 1).
+        """
+        if previous_delay is not None:
+            previous_delay = check_delay(previous_delay, "previous_delay")
+        delay = jittered_delay(
             self.jitter_kind,
             self.nominal_delay(failures_in_a_row),
             jitter=self.jitter,
@@ -174,6 +192,7 @@ class ExponentialBackoff(SupervisorStrategy):
             previous_delay=previous_delay,
             unit_random=self._unit_random,
         )
+        return min(max(delay, 0.0), MAX_DELAY_SECONDS)
 
     def decide(self, failure: Failure) -> Directive:
         if self.escalates(failure.error):

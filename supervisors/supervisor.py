@@ -7,6 +7,7 @@ import queue
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
 import pykka
 from loguru import logger
 from pykka import ActorDeadError, ActorRef, Future
@@ -15,8 +16,10 @@ from pykka.messages import ProxyCall
 
 from supervisors.child import ChildCounts, ChildRecord, ChildSpec, ChildState, RestartType
 from supervisors.clock import Clock, MonotonicClock, TimerHandle
+from supervisors.delays import check_delay
 from supervisors.directives import Directive, Escalate, Restart, Resume, Stop
 from supervisors.errors import (
+    BrokenStrategy,
     ChildNotFound,
     ChildUnavailable,
     DuplicateChild,
@@ -245,12 +248,13 @@ class Supervisor(SupervisedActor):
         now = self.clock.now()
         log = self._log.bind(child=record.id)
         failure = record.record_failure(error, now, self.strategy.reset_after)
-        try:
-            directive = self.strategy.decide(failure)
-        except Exception as strategy_error:
-            log.exception("strategy {!r} raised; escalating", self.strategy)
-            directive = Escalate()
-            error = strategy_error
+        decided = self._decide(failure)
+        if isinstance(decided, BrokenStrategy):
+            log.opt(exception=decided.__cause__).error("{}", decided)
+            record.last_error = decided
+            self._escalate(record, attrs.evolve(failure, error=decided), whole_supervisor=False)
+            return
+        directive = decided
         if isinstance(directive, Resume):
             if record.alive:
                 log.info("failure #{} resumed: {!r}", failure.consecutive_failures, error)
@@ -292,6 +296,35 @@ class Supervisor(SupervisedActor):
         else:
             self._escalate(record, failure, whole_supervisor=False)
 
+    def _decide(self, failure: Failure) -> Directive | BrokenStrategy:
+        """Ask the strategy; anything but a valid directive is a BrokenStrategy."""
+        strategy = self.strategy
+        try:
+            directive: object = strategy.decide(failure)
+        except Exception as raised:
+            broken = BrokenStrategy(strategy, failure.child_id, failure.error, f"raised {raised!r}")
+            broken.__cause__ = raised
+            return broken
+        if not isinstance(directive, Resume | Restart | Stop | Escalate):
+            return BrokenStrategy(
+                strategy,
+                failure.child_id,
+                failure.error,
+                f"returned {directive!r} ({type(directive).__name__}), which is not a directive",
+            )
+        if isinstance(directive, Restart):
+            # Restart checks its delay when built; this catches one that got
+            # past it (a subclass, object.__setattr__) before it reaches a timer.
+            try:
+                check_delay(directive.delay, "Restart delay")
+            except (TypeError, ValueError) as bad:
+                broken = BrokenStrategy(
+                    strategy, failure.child_id, failure.error, f"returned {directive!r}: {bad}"
+                )
+                broken.__cause__ = bad
+                return broken
+        return directive
+
     def _schedule_restart(self, record: ChildRecord, delay: float, now: float) -> None:
         start_order = list(self._records)
         affected = [
@@ -314,7 +347,27 @@ class Supervisor(SupervisedActor):
                 group.append((member.id, member.mark_restarting(due, None)))
         key = next(self._timer_keys)
         due_message = RestartDue(tuple(group), key)
-        self._timers[key] = self.clock.call_later(delay, lambda: self._tell_self(due_message))
+        try:
+            timer = self.clock.call_later(delay, lambda: self._tell_self(due_message))
+        except Exception as clock_error:
+            # Without a timer the children just marked restarting would wait
+            # forever: a supervisor that cannot keep time gives up as a whole.
+            self._log.bind(child=record.id).opt(exception=True).error(
+                "clock {!r} refused a {!r} s restart timer; escalating", self.clock, delay
+            )
+            failure = Failure(
+                child_id=record.id,
+                error=clock_error,
+                consecutive_failures=record.consecutive_failures,
+                uptime=0.0,
+                restart_history=tuple(record.restart_history),
+                previous_delay=record.last_delay,
+                at=now,
+            )
+            record.last_error = clock_error
+            self._escalate(record, failure, whole_supervisor=True)
+            return
+        self._timers[key] = timer
 
     def _tell_self(self, message: Any) -> None:
         try:

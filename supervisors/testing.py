@@ -7,7 +7,8 @@ import itertools
 import threading
 from collections.abc import Callable
 
-from supervisors.clock import ScheduledTimer, TimerHandle
+from supervisors.clock import ScheduledTimer, TimerHandle, run_timer
+from supervisors.delays import check_delay, finite_number
 
 
 class ManualClock:
@@ -32,8 +33,12 @@ class ManualClock:
             return self._now
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Like `MonotonicClock.call_later`: a bad delay raises ValueError here."""
+        seconds = check_delay(delay, "timer delay")
+        if not callable(callback):
+            raise TypeError(f"timer callback must be callable, got {callback!r}")
         with self._condition:
-            timer = ScheduledTimer(self._now + max(0.0, delay), callback)
+            timer = ScheduledTimer(self._now + seconds, callback)
             heapq.heappush(self._heap, (timer.due, next(self._sequence), timer))
             self._condition.notify_all()
         return timer
@@ -62,6 +67,12 @@ class ManualClock:
         return self.pending()
 
     def advance(self, seconds: float) -> None:
+        """Move time forward, firing due timers; one that raises is logged, not raised.
+
+        As on the real clock, a failing callback does not keep the later
+        timers from firing.
+        """
+        seconds = finite_number(seconds, "advance(seconds)")
         if seconds < 0:
             raise ValueError(f"time only moves forward; got advance({seconds})")
         with self._condition:
@@ -73,8 +84,7 @@ class ManualClock:
                     return
                 due, _seq, timer = heapq.heappop(self._heap)
                 self._now = max(self._now, due)
-            if not timer.cancelled:
-                timer.callback()
+            run_timer(timer, "ManualClock")
 
     def advance_to_next(self, timeout: float = 5.0) -> float:
         """Wait for a timer, advance exactly to it (firing it); return the delay advanced."""

@@ -23,6 +23,7 @@ from sup_helpers import (
 )
 
 from supervisors import (
+    BrokenStrategy,
     CallableStrategy,
     ChildSpec,
     ChildState,
@@ -291,6 +292,10 @@ def test_strategy_that_raises_escalates(
     try:
         wait_state(supervisor, "c", ChildState.FAILED)
         assert len(escalations) == 1
+        error = escalations[0].error
+        assert isinstance(error, BrokenStrategy)
+        assert isinstance(error.__cause__, ZeroDivisionError)
+        assert isinstance(error.child_error, TransientError)
     finally:
         supervisor.stop()
 
