@@ -36,10 +36,21 @@ from .stream import LinkStream, StreamListener
 class Connect:
     """Dial and handshake; answers the accepted HELLO_ACK or raises the typed error.
 
-    ``last_applied_lsn`` None keeps the LSN the link last recorded.
+    ``last_applied_lsn`` None keeps the position the link last recorded;
+    ``last_applied_term`` is the term of that entry (0: unknown, or nothing held),
+    which the source checks against its own history (PROTOCOL.md section 5.1).
     """
 
     last_applied_lsn: int | None = None
+    last_applied_term: int = 0
+
+
+@frozen
+class SetPosition:
+    """Where the next HELLO starts: what the link's user holds now (a resync sends 0, 0)."""
+
+    last_applied_lsn: int
+    last_applied_term: int = 0
 
 
 @frozen
@@ -73,9 +84,10 @@ class FailLink:
 
 @frozen
 class _Applied:
-    """A stream of this link acknowledged up to ``lsn``."""
+    """A stream of this link acknowledged up to ``lsn`` (whose entry has ``term``, if known)."""
 
     lsn: int
+    term: int | None
 
 
 @frozen
@@ -159,6 +171,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
         parent: pykka.ActorRef[Any] | None = None,
         watcher: pykka.ActorRef[Any] | None = None,
         last_applied_lsn: int = 0,
+        last_applied_term: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(parent=parent)
@@ -178,6 +191,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._promoted = False
         self._watcher = watcher
         self.last_applied_lsn = last_applied_lsn
+        self.last_applied_term = last_applied_term
         # Traffic of connections already gone, so the status counts the link's whole life.
         self._bytes_in_before = 0
         self._bytes_out_before = 0
@@ -212,8 +226,11 @@ class SourceLink(DeferredReplies, SupervisedActor):
 
     def on_receive(self, message: Any) -> Any:
         match message:
-            case Connect(last_applied_lsn=lsn):
-                return self._connect(lsn)
+            case Connect(last_applied_lsn=lsn, last_applied_term=term):
+                return self._connect(lsn, term)
+            case SetPosition(last_applied_lsn=lsn, last_applied_term=term):
+                self.last_applied_lsn, self.last_applied_term = lsn, term
+                return None
             case Disconnect():
                 self._wanted = False
                 self._cancel(LinkNotConnected("cancelled by Disconnect"))
@@ -223,8 +240,12 @@ class SourceLink(DeferredReplies, SupervisedActor):
             case FailLink(error=error, stream=stream):
                 self._fail_connection(error, stream)
                 return None
-            case _Applied(lsn=lsn):
-                self.last_applied_lsn = max(self.last_applied_lsn, lsn)
+            case _Applied(lsn=lsn, term=term):
+                if lsn > self.last_applied_lsn:
+                    self.last_applied_lsn = lsn
+                    self.last_applied_term = term if term is not None else 0
+                elif lsn == self.last_applied_lsn and term is not None:
+                    self.last_applied_term = term
                 return None
             case Promote():
                 self._promoted = True
@@ -259,11 +280,12 @@ class SourceLink(DeferredReplies, SupervisedActor):
             snapshot_lsn=self._ack.snapshot_lsn if self._ack and self._ack.has_snapshot else None,
         )
 
-    def _connect(self, last_applied_lsn: int | None) -> Any:
+    def _connect(self, last_applied_lsn: int | None, last_applied_term: int) -> Any:
         if self._promoted:
             raise MirrorPromoted("Connect refused")
         if last_applied_lsn is not None:
             self.last_applied_lsn = last_applied_lsn
+            self.last_applied_term = last_applied_term
         self._wanted = True
         if self._lifecycle.state is LinkState.CONNECTED:
             return self._ack
@@ -287,9 +309,9 @@ class SourceLink(DeferredReplies, SupervisedActor):
         connection.submit_open_stream(stream)
         return stream
 
-    def _record_applied(self, lsn: int) -> None:
+    def _record_applied(self, lsn: int, term: int | None) -> None:
         # Called on whatever thread acks: the state change goes through the mailbox.
-        _tell(self.actor_ref, _Applied(lsn))
+        _tell(self.actor_ref, _Applied(lsn, term))
 
     # -- dialing --------------------------------------------------------------------
 
@@ -307,7 +329,9 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._log.info(
             "dialing {} (last applied LSN {})", self.config.target, self.last_applied_lsn
         )
-        dial = _dial_and_report(me, generation, connection, self.last_applied_lsn)
+        dial = _dial_and_report(
+            me, generation, connection, self.last_applied_lsn, self.last_applied_term
+        )
         try:
             self._dial = self._quic_loop.submit(dial)
         except Exception as error:
@@ -403,7 +427,11 @@ class SourceLink(DeferredReplies, SupervisedActor):
 
 
 async def _dial_and_report(
-    link: pykka.ActorRef[Any], generation: int, connection: LinkConnection, last_applied_lsn: int
+    link: pykka.ActorRef[Any],
+    generation: int,
+    connection: LinkConnection,
+    last_applied_lsn: int,
+    last_applied_term: int,
 ) -> None:
     """Dial on the loop thread and tell the link the outcome.
 
@@ -414,7 +442,7 @@ async def _dial_and_report(
     between used to overtake it, leaving the link CONNECTED on a dead connection.)
     """
     try:
-        ack = await connection.open(last_applied_lsn)
+        ack = await connection.open(last_applied_lsn, last_applied_term)
     except asyncio.CancelledError:
         raise  # cancelled by the link itself, which expects no answer
     except MirrorError as error:

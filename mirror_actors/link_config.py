@@ -43,6 +43,11 @@ class LinkConfig:
     """Received but unacknowledged payload bytes past which the source is taken to ignore
     flow control; raise it for sources configured with a larger cap."""
     protocol_version: int = PROTOCOL_VERSION
+    max_snapshot_bytes: int | None = field(
+        default=None, validator=validators.optional(validators.gt(0))
+    )
+    """The largest snapshot this mirror accepts (None: as much as the disk holds); a larger
+    announcement is a hard ``SnapshotTooLarge`` at its first chunk."""
 
     def __attrs_post_init__(self) -> None:
         if self.keepalive_interval >= self.idle_timeout:

@@ -107,14 +107,14 @@ class LinkConnection:
 
     # -- dialing ------------------------------------------------------------------
 
-    async def open(self, last_applied_lsn: int) -> HelloAck:
+    async def open(self, last_applied_lsn: int, last_applied_term: int = 0) -> HelloAck:
         """Dial and handshake; the accepted ack, or a typed error (the connection then closed)."""
         try:
             # The timeout starts once the dial is admitted: waiting for a slot
             # says nothing about the source.
             async with self._quic_loop.dial_slots, asyncio.timeout(self.config.handshake_timeout):
                 await self._dial()
-                ack = await self._handshake(last_applied_lsn)
+                ack = await self._handshake(last_applied_lsn, last_applied_term)
         except TimeoutError:
             self.close()
             raise HandshakeTimeout(self.config.handshake_timeout, self.config.target) from None
@@ -170,7 +170,7 @@ class LinkConnection:
         # closing period, and its bare ConnectionError says nothing of why.
         await self._tls_done
 
-    async def _handshake(self, last_applied_lsn: int) -> HelloAck:
+    async def _handshake(self, last_applied_lsn: int, last_applied_term: int) -> HelloAck:
         assert self._protocol is not None and self._ack is not None
         if self._ended is not None:
             raise self._ended
@@ -179,6 +179,7 @@ class LinkConnection:
             self.config.source_database_id,
             last_applied_lsn,
             self.config.protocol_version,
+            last_applied_term,
         )
         self._send(HANDSHAKE_STREAM_ID, encode_frame(hello), end_stream=True)
         ack = await self._ack

@@ -4,29 +4,57 @@ It is the supervisor of its own ``SourceLink`` (so the link's backoff and
 escalation are its strategy's), and the link's watcher: when the link comes up
 it opens a stream, SUBSCRIBEs from ``last_applied_lsn + 1``, commits what
 arrives to its store and ACKs after each commit.  A gap, an out-of-order LSN or
-a broken snapshot fails the link, which then reconnects with backoff.
+a broken snapshot fails the link, which then reconnects with backoff; so does a
+store that fails for a while (locked, I/O error, full disk), resuming from its
+last commit.  A history that is not the source's (``HistoryDiverged``) and a
+store that cannot be used escalate, leaving the store as it was, unless
+``on_divergence="resync"``: then the replica starts over from the source's
+beginning, replacing its contents in the first commit of the new history.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
+import attrs
 import pykka
 from attrs import frozen
 from loguru import logger
 
-from supervisors import ChildSpec, ChildState, ChildStatus, Supervisor, SupervisorStrategy
+from supervisors import (
+    ChildSpec,
+    ChildState,
+    ChildStatus,
+    Directive,
+    Failure,
+    Supervisor,
+    SupervisorStrategy,
+)
+from supervisors.strategy import as_strategy
 
-from .errors import MirrorError, TransportError
-from .link import FailLink, GetStatus, LinkDown, LinkUp, OpenStream, SourceLink, link_strategy
+from .errors import HistoryDiverged, MirrorError, TransportError
+from .link import (
+    FailLink,
+    GetStatus,
+    LinkDown,
+    LinkUp,
+    OpenStream,
+    SetPosition,
+    SourceLink,
+    link_strategy,
+)
 from .link_config import LinkConfig
 from .link_state import LinkStatus
 from .protocol import Subscribe
 from .replica_store import MemoryReplicaStore, ReplicaStore
-from .replication import Commit, InstallSnapshot, ReplicationCursor, ReplicationError
+from .replication import Commit, InstallSnapshot, ReplicationCursor, ReplicationError, ResetReplica
+from .snapshot_spool import StoreFailure
 from .stream import Delivery, LinkStream
+
+OnDivergence = Literal["escalate", "resync"]
+ON_DIVERGENCE_CHOICES: tuple[OnDivergence, ...] = ("escalate", "resync")
 
 LINK_CHILD_ID = "link"
 STATUS_ASK_TIMEOUT = 2.0
@@ -73,6 +101,33 @@ class _StreamDelivery:
     delivery: Delivery | MirrorError
 
 
+class Resyncing(MirrorError):
+    """Stands in for a ``HistoryDiverged`` that a resyncing replica handles itself (transient)."""
+
+    def __init__(self, cause: MirrorError) -> None:
+        self.cause = cause
+        super().__init__(f"resyncing from the source's beginning after: {cause}")
+
+
+class ResyncOnDivergence(SupervisorStrategy):
+    """``inner``, except that a divergence restarts the link (as a transient failure would)."""
+
+    def __init__(self, inner: SupervisorStrategy) -> None:
+        self.inner = inner
+        self.scope = inner.scope
+        self.reset_after = inner.reset_after
+        self.max_restarts = inner.max_restarts
+        self.within = inner.within
+
+    def decide(self, failure: Failure) -> Directive:
+        if isinstance(failure.error, HistoryDiverged):
+            return self.inner.decide(attrs.evolve(failure, error=Resyncing(failure.error)))
+        return self.inner.decide(failure)
+
+    def __repr__(self) -> str:
+        return f"ResyncOnDivergence({self.inner!r})"
+
+
 class MirrorDatabase(Supervisor):
     """One mirrored database: a supervised link plus the store it replicates into."""
 
@@ -87,15 +142,33 @@ class MirrorDatabase(Supervisor):
         on_escalation: Any = None,
         name: str | None = None,
         on_exit: Callable[[ReplicaStatus], None] | None = None,
+        on_divergence: OnDivergence = "escalate",
     ) -> None:
+        if on_divergence not in ON_DIVERGENCE_CHOICES:
+            raise ValueError(
+                f"on_divergence must be one of {', '.join(ON_DIVERGENCE_CHOICES)}, "
+                f"got {on_divergence!r}"
+            )
         self.config = config
+        self.on_divergence = on_divergence
         self.store: ReplicaStore = store if store is not None else MemoryReplicaStore()
+        self._spool = self.store.snapshot_spool()
         self._cursor = ReplicationCursor(
-            config.source_cluster_id, config.source_database_id, self.store.last_applied_lsn()
+            config.source_cluster_id,
+            config.source_database_id,
+            self.store.last_applied_lsn(),
+            self.store.last_applied_term(),
+            spool=self._spool,
+            max_snapshot_bytes=config.max_snapshot_bytes,
         )
+        # Set after a divergence in resync mode: the next commit replaces everything.
+        self._resync_pending = False
         spec = ChildSpec(LINK_CHILD_ID, self._start_link)
+        link_policy = as_strategy(strategy if strategy is not None else link_strategy())
+        if on_divergence == "resync":
+            link_policy = ResyncOnDivergence(link_policy)
         super().__init__(
-            strategy=strategy if strategy is not None else link_strategy(),
+            strategy=link_policy,
             children=[spec],
             clock=clock,
             on_escalation=on_escalation,
@@ -118,7 +191,11 @@ class MirrorDatabase(Supervisor):
     def _start_link(self, parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
         # Runs in this actor's thread whenever the link is (re)created.
         return SourceLink.start(
-            self.config, parent=parent, watcher=parent, last_applied_lsn=self._cursor.applied_lsn
+            self.config,
+            parent=parent,
+            watcher=parent,
+            last_applied_lsn=self._cursor.applied_lsn,
+            last_applied_term=self._cursor.applied_term,
         )
 
     def on_stop(self) -> None:
@@ -135,6 +212,7 @@ class MirrorDatabase(Supervisor):
                 self._on_exit(self.replica_status())
             except Exception:
                 self._replica_log.exception("on_exit callback failed")
+        self._spool.discard()
         self.store.close()
 
     # -- messages -------------------------------------------------------------------
@@ -148,9 +226,11 @@ class MirrorDatabase(Supervisor):
                 self._last_link_status = link_status
                 self._subscribe(link)
                 return None
-            case LinkDown(status=link_status):
+            case LinkDown(link=link, error=error, status=link_status):
                 self._last_link_status = link_status
                 self._drop_stream()
+                if isinstance(error, HistoryDiverged):
+                    self._diverged(link, error)
                 return None
             case GetReplicaStatus():
                 return self.replica_status()
@@ -242,25 +322,67 @@ class MirrorDatabase(Supervisor):
             return
         commits: list[Commit] = []
         try:
-            for frame in message.delivery.frames:
-                commit = self._cursor.accept(frame)
-                if commit is not None:
-                    commits.append(commit)
-        except ReplicationError as error:
-            self._replication_errors += 1
-            self._replica_log.warning("replication stream rejected: {}", error)
-            self._commit(commits)  # what came before the bad frame is good
-            self._cursor.restart()
-            self._fail_link(error, stream)
+            try:
+                for frame in message.delivery.frames:
+                    commit = self._cursor.accept(frame)
+                    if commit is not None:
+                        commits.append(commit)
+            except MirrorError as error:
+                # What came before the bad frame is good; commit it first.
+                self._commit(commits)
+                raise
+            self._commit(commits)
+        except MirrorError as error:
+            self._replication_failed(error, stream)
             return
-        self._commit(commits)
+        except Exception as error:
+            # A bug or a store raising something untyped: never a silent death.
+            self._replica_log.exception("applying a delivery failed unexpectedly")
+            self._replication_failed(
+                StoreFailure(f"unexpected {type(error).__name__}: {error}"), stream
+            )
+            return
         # Every delivery is acknowledged, committed or not: a snapshot larger than
         # the source's flow-control cap only commits once all of it has come.
         try:
-            stream.ack(self._cursor.applied_lsn, message.delivery.payload_bytes)
+            stream.ack(
+                self._cursor.applied_lsn,
+                message.delivery.payload_bytes,
+                applied_term=self._cursor.applied_term,
+            )
         except MirrorError as error:
             self._replica_log.debug("could not acknowledge: {}", error)
         self._track_lag()
+
+    def _replication_failed(self, error: MirrorError, stream: LinkStream) -> None:
+        if isinstance(error, ReplicationError):
+            self._replication_errors += 1
+            self._replica_log.warning("replication stream rejected: {}", error)
+        elif error.hard:
+            self._replica_log.error("replication stopped: {}", error)
+        else:
+            self._replica_log.warning("replication failed, retrying: {}", error)
+        # Back to what the store holds; the next subscription starts there.
+        self._cursor.restart()
+        self._fail_link(error, stream)
+
+    def _diverged(self, link: pykka.ActorRef[Any], error: HistoryDiverged) -> None:
+        if self.on_divergence != "resync":
+            self._replica_log.error(
+                "history diverged; the replica is kept as it was (applied LSN {}): {}",
+                self._cursor.applied_lsn,
+                error,
+            )
+            return
+        self._replica_log.warning(
+            "history diverged at applied LSN {}; resyncing from the source's beginning: {}",
+            self._cursor.applied_lsn,
+            error,
+        )
+        self._cursor.reset()
+        self._resync_pending = True
+        # Ahead of the restart the supervisor orders: the next HELLO starts at 0.
+        _tell_link(link, SetPosition(0, 0))
 
     def _track_lag(self) -> None:
         if self._cursor.applied_lsn >= self._cursor.highest_seen_lsn:
@@ -271,13 +393,18 @@ class MirrorDatabase(Supervisor):
     def _commit(self, commits: list[Commit]) -> None:
         if not commits:
             return
+        if self._resync_pending:
+            # The old history goes in the same transaction as the first of the new:
+            # a crash before it leaves the old replica, after it a prefix of the new.
+            commits = [ResetReplica(), *commits]
         self.store.commit(commits)
+        self._resync_pending = False
         for commit in commits:
             self._cursor.committed(commit)
             if isinstance(commit, InstallSnapshot):
                 self._snapshots_installed += 1
                 self._replica_log.info("installed the snapshot at LSN {}", self._cursor.applied_lsn)
-            else:
+            elif not isinstance(commit, ResetReplica):
                 self._entries_applied += len(commit.entries)
 
     def _fail_link(self, error: MirrorError, stream: LinkStream) -> None:
@@ -287,7 +414,7 @@ class MirrorDatabase(Supervisor):
             _tell_link(link, FailLink(error, stream))
 
 
-def _tell_link(link: pykka.ActorRef[Any], message: FailLink) -> None:
+def _tell_link(link: pykka.ActorRef[Any], message: FailLink | SetPosition) -> None:
     try:
         link.tell(message)
     except pykka.ActorDeadError:

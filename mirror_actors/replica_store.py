@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from .errors import MirrorError
 from .protocol import Entry
-from .replication import ApplyEntries, Commit, InstallSnapshot
+from .replication import Commit, InstallSnapshot, ResetReplica
+from .snapshot_spool import FileSpool, SnapshotSpool, StoreFailure, StoreUnusable
 
 
 def entries_digest(entries: Iterable[Entry]) -> str:
@@ -30,22 +30,26 @@ def entries_digest(entries: Iterable[Entry]) -> str:
     return digest.hexdigest()
 
 
-class StoreMismatch(MirrorError):
+class StoreMismatch(StoreUnusable):
     """A replica file belongs to another source database."""
-
-    hard = True
 
     def __init__(self, path: str, holds: str, wanted: str) -> None:
         super().__init__(
-            f"replica store {path} holds {holds}, not {wanted}; use another file for this link"
+            f"{path} holds {holds}, not {wanted}; use another file for this link"
         )
 
 
 class ReplicaStore(Protocol):
     def last_applied_lsn(self) -> int: ...
 
+    def last_applied_term(self) -> int:
+        """The term of the entry at ``last_applied_lsn`` (0 when empty)."""
+
     def commit(self, commits: Sequence[Commit]) -> None:
-        """Apply ``commits`` all together or not at all."""
+        """Apply ``commits`` all together or not at all; ``StoreFailure``/``StoreUnusable`` if not."""
+
+    def snapshot_spool(self) -> SnapshotSpool:
+        """Where an incoming snapshot waits until it is checked and installed."""
 
     def entries(self) -> list[Entry]: ...
 
@@ -53,7 +57,7 @@ class ReplicaStore(Protocol):
 
 
 class MemoryReplicaStore:
-    """For tests and demos: gone with the process."""
+    """For tests and demos: gone with the process (snapshots spool to a temporary file)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -64,6 +68,13 @@ class MemoryReplicaStore:
     def last_applied_lsn(self) -> int:
         return self._applied
 
+    def last_applied_term(self) -> int:
+        with self._lock:
+            return self._entries[-1].term if self._entries else 0
+
+    def snapshot_spool(self) -> SnapshotSpool:
+        return FileSpool()
+
     def commit(self, commits: Sequence[Commit]) -> None:
         with self._lock:
             # Work on copies and swap at the end: all or nothing, like SQLite.
@@ -71,8 +82,11 @@ class MemoryReplicaStore:
             applied = self._applied
             snapshot_lsn = self.snapshot_lsn
             for commit in commits:
+                if isinstance(commit, ResetReplica):
+                    entries, applied, snapshot_lsn = [], 0, None
+                    continue
                 if isinstance(commit, InstallSnapshot):
-                    entries = list(commit.entries)
+                    entries = list(commit.entries())
                     snapshot_lsn = applied = commit.snapshot_lsn
                     continue
                 if not commit.entries:
@@ -102,70 +116,181 @@ CREATE TABLE IF NOT EXISTS state (
     last_applied_lsn INTEGER NOT NULL
 );
 """
+_COLUMNS = {
+    "entries": ["lsn", "term", "data"],
+    "snapshot": ["id", "lsn", "data"],
+    "state": ["id", "source", "last_applied_lsn"],
+}
+# SQLite integers are signed 64-bit; LSNs and terms are u64. Values from 2^63 on
+# are kept as their two's complement (negative), so every file written before
+# (all values below 2^63) reads the same, and the whole u64 range round-trips.
+_U64_WRAP = 1 << 64
+_I64_LIMIT = 1 << 63
+# Ordering by LSN with the wrapped values after the others.
+_ORDER_BY_LSN = "ORDER BY lsn < 0, lsn"
+DEFAULT_BUSY_TIMEOUT = 5.0
+
+
+def to_sqlite(value: int) -> int:
+    return value - _U64_WRAP if value >= _I64_LIMIT else value
+
+
+def from_sqlite(value: int) -> int:
+    return value + _U64_WRAP if value < 0 else value
+
+
+def _store_error(path: str, action: str, error: sqlite3.Error) -> StoreFailure | StoreUnusable:
+    """What an SQLite error means for a replica: retry it, or fix the file."""
+    text = str(error)
+    lowered = text.lower()
+    transient = isinstance(error, sqlite3.OperationalError) and any(
+        marker in lowered
+        for marker in ("locked", "busy", "disk i/o", "full", "readonly", "unable to open", "interrupt")
+    )
+    if transient:
+        return StoreFailure(f"{action} {path}: {text}")
+    return StoreUnusable(
+        f"{action} {path}: {text}; the file is not a replica this version can use: "
+        "move it away or point the link at another file"
+    )
 
 
 class SqliteReplicaStore:
-    """An SQLite file in WAL mode; bound to one source database on first use."""
+    """An SQLite file in WAL mode; bound to one source database on first use.
 
-    def __init__(self, path: str | Path, source: str) -> None:
+    A file that another process keeps locked for longer than ``busy_timeout``
+    fails a commit with ``StoreFailure`` (transient: the replica retries from
+    its last commit); a file that is not a replica of this link raises
+    ``StoreUnusable``/``StoreMismatch`` (hard).
+    """
+
+    def __init__(
+        self, path: str | Path, source: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    ) -> None:
         self.path = str(path)
         self.source = source
-        # Opened by whoever builds the replica, used by its actor thread alone.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL with synchronous=NORMAL survives a killed process; FULL would
-        # also survive power loss at the cost of an fsync per commit.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT source, last_applied_lsn FROM state").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO state VALUES (1, ?, 0)", (source,))
-            self._applied = 0
-        elif row[0] != source:
+        try:
+            # Opened by whoever builds the replica, used by its actor thread alone.
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout
+            )
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "cannot open", error) from None
+        try:
+            self._applied, self._applied_term = self._open(source)
+        except BaseException:
             self._db.close()
-            raise StoreMismatch(self.path, row[0], source)
-        else:
-            self._applied = int(row[1])
+            raise
+
+    def _open(self, source: str) -> tuple[int, int]:
+        db = self._db
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # WAL with synchronous=NORMAL survives a killed process; FULL would
+            # also survive power loss at the cost of an fsync per commit.
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._check_schema()
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT source, last_applied_lsn FROM state").fetchone()
+            if row is None:
+                db.execute("INSERT INTO state VALUES (1, ?, 0)", (source,))
+                return 0, 0
+            if row[0] != source:
+                raise StoreMismatch(self.path, row[0], source)
+            applied = from_sqlite(int(row[1]))
+            term = db.execute(
+                "SELECT term FROM entries WHERE lsn = ?", (to_sqlite(applied),)
+            ).fetchone()
+            return applied, from_sqlite(int(term[0])) if term else 0
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "cannot open", error) from None
+
+    def _check_schema(self) -> None:
+        tables = {
+            name
+            for (name,) in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            ).fetchall()
+        }
+        for table, wanted in _COLUMNS.items():
+            if table not in tables:
+                continue
+            columns = [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
+            if columns != wanted:
+                raise StoreUnusable(
+                    f"{self.path} has a table {table!r} with columns {columns}, not {wanted}: "
+                    "it is not a mirror-actors replica; point the link at another file"
+                )
+        foreign = tables - set(_COLUMNS)
+        if foreign and not tables & set(_COLUMNS):
+            raise StoreUnusable(
+                f"{self.path} is an SQLite database of something else (tables "
+                f"{sorted(foreign)}); point the link at another file"
+            )
 
     def last_applied_lsn(self) -> int:
         return self._applied
 
+    def last_applied_term(self) -> int:
+        return self._applied_term
+
+    def snapshot_spool(self) -> SnapshotSpool:
+        return FileSpool(self.path + ".snapshot-spool")
+
     def commit(self, commits: Sequence[Commit]) -> None:
         if not commits:
             return
+        try:
+            applied, term = self._commit(commits)
+        except sqlite3.Error as error:
+            raise _store_error(self.path, "cannot commit to", error) from None
+        self._applied, self._applied_term = applied, term
+
+    def _commit(self, commits: Sequence[Commit]) -> tuple[int, int]:
         db = self._db
-        applied = self._applied
+        applied, term = self._applied, self._applied_term
         db.execute("BEGIN IMMEDIATE")
         try:
             for commit in commits:
+                rows: Iterable[Entry]
+                if isinstance(commit, ResetReplica):
+                    db.execute("DELETE FROM entries")
+                    db.execute("DELETE FROM snapshot")
+                    applied, term = 0, 0
+                    continue
                 if isinstance(commit, InstallSnapshot):
                     db.execute("DELETE FROM entries")
+                    # The entries are the snapshot's content; its bytes are not kept twice.
                     db.execute(
                         "INSERT OR REPLACE INTO snapshot VALUES (1, ?, ?)",
-                        (commit.snapshot_lsn, commit.data),
+                        (to_sqlite(commit.snapshot_lsn), b""),
                     )
-                    rows: Iterable[Entry] = commit.entries
-                    applied = commit.snapshot_lsn
+                    rows = commit.entries()
                 else:
-                    assert isinstance(commit, ApplyEntries)
                     rows = commit.entries
-                    applied = commit.last_lsn
                 db.executemany(
-                    "INSERT INTO entries VALUES (?, ?, ?)", ((e.lsn, e.term, e.data) for e in rows)
+                    "INSERT INTO entries VALUES (?, ?, ?)",
+                    ((to_sqlite(e.lsn), to_sqlite(e.term), e.data) for e in rows),
                 )
-            db.execute("UPDATE state SET last_applied_lsn = ?", (applied,))
+                applied, term = commit.last_lsn, commit.last_term
+            db.execute("UPDATE state SET last_applied_lsn = ?", (to_sqlite(applied),))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        self._applied = applied
+        return applied, term
 
     def entries(self) -> list[Entry]:
-        rows = self._db.execute("SELECT lsn, term, data FROM entries ORDER BY lsn").fetchall()
-        return [Entry(int(lsn), int(term), bytes(data)) for lsn, term, data in rows]
+        rows = self._db.execute(f"SELECT lsn, term, data FROM entries {_ORDER_BY_LSN}").fetchall()
+        return _entries_of(rows)
 
     def close(self) -> None:
         self._db.close()
+
+
+def _entries_of(rows: Iterable[tuple[int, int, bytes]]) -> list[Entry]:
+    return [Entry(from_sqlite(int(lsn)), from_sqlite(int(term)), bytes(data)) for lsn, term, data in rows]
 
 
 def read_replica_file(path: str | Path) -> tuple[int, list[Entry]]:
@@ -182,10 +307,9 @@ def read_replica_file(path: str | Path) -> tuple[int, list[Entry]]:
         return 0, []
     try:
         row = db.execute("SELECT last_applied_lsn FROM state").fetchone()
-        rows = db.execute("SELECT lsn, term, data FROM entries ORDER BY lsn").fetchall()
+        rows = db.execute(f"SELECT lsn, term, data FROM entries {_ORDER_BY_LSN}").fetchall()
     except sqlite3.Error:
         return 0, []
     finally:
         db.close()
-    entries = [Entry(int(lsn), int(term), bytes(data)) for lsn, term, data in rows]
-    return (int(row[0]) if row else 0), entries
+    return (from_sqlite(int(row[0])) if row else 0), _entries_of(rows)

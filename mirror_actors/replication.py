@@ -1,18 +1,25 @@
-"""Applying a replication stream, sans-I/O: snapshot reassembly and LSN ordering.
+"""Applying a replication stream, sans-I/O: snapshot reassembly, LSN and term ordering.
 
 ``ReplicationCursor`` takes the frames of one subscription and answers what to
-commit; anything out of order, a gap, or a broken snapshot raises a
-``ReplicationError`` and the link is restarted.  Nothing here touches a store,
-a socket or a thread.
+commit.  Anything out of order, a gap, a term going down or a broken snapshot
+raises a ``ReplicationError`` (MALFORMED, transient: the link is restarted); a
+history that provably differs from what this mirror applied raises
+``HistoryDiverged`` (hard); a snapshot over ``max_snapshot_bytes`` raises
+``SnapshotTooLarge`` (hard).  Snapshot bytes go to an injected spool as they
+arrive, so a bootstrap needs no memory in proportion to the snapshot; nothing
+here touches a socket, a thread or a store.
 """
 
 from __future__ import annotations
 
-from attrs import define, frozen
+from collections.abc import Iterator
 
-from .errors import MalformedFrame
+from attrs import define, field, frozen
+
+from .errors import HistoryDiverged, MalformedFrame, SnapshotTooLarge
 from .protocol import Entries, Entry, Frame, SnapshotChunk
-from .store import crc32c, decode_snapshot
+from .snapshot_format import SnapshotDecoder, crc32c
+from .snapshot_spool import MemorySpool, SnapshotSpool
 
 
 class ReplicationError(MalformedFrame):
@@ -27,31 +34,63 @@ class ApplyEntries:
     def last_lsn(self) -> int:
         return self.entries[-1].lsn
 
+    @property
+    def last_term(self) -> int:
+        return self.entries[-1].term
+
 
 @frozen
 class InstallSnapshot:
+    """Replace the replica with the snapshot's entries 1..``snapshot_lsn`` (CRC already checked)."""
+
     snapshot_lsn: int
-    data: bytes
-    entries: tuple[Entry, ...]
+    last_term: int
+    total_bytes: int
+    spool: SnapshotSpool = field(eq=False, repr=False)
+
+    def entries(self) -> Iterator[Entry]:
+        """The snapshot's entries, decoded from the spool as they are read."""
+        decoder = SnapshotDecoder()
+        for piece in self.spool.pieces():
+            yield from decoder.feed(piece)
+        decoder.finish(self.snapshot_lsn)
+
+    @property
+    def last_lsn(self) -> int:
+        return self.snapshot_lsn
 
 
-Commit = ApplyEntries | InstallSnapshot
+@frozen
+class ResetReplica:
+    """Drop everything the replica holds (a resync after a divergence), in the same transaction."""
+
+    @property
+    def last_lsn(self) -> int:
+        return 0
+
+    @property
+    def last_term(self) -> int:
+        return 0
+
+
+Commit = ApplyEntries | InstallSnapshot | ResetReplica
 
 
 @define
 class SnapshotAssembly:
-    """Chunks of one snapshot being put back together."""
+    """One snapshot transfer: chunk order, size, running CRC, and its content as it streams past."""
 
     cluster_id: str
     database_id: str
     snapshot_lsn: int
     total_bytes: int
     total_crc32c: int
-    parts: list[bytes]
+    decoder: SnapshotDecoder
     received: int = 0
+    running_crc: int = 0
 
     @classmethod
-    def begin(cls, chunk: SnapshotChunk) -> SnapshotAssembly:
+    def begin(cls, chunk: SnapshotChunk, decoder: SnapshotDecoder) -> SnapshotAssembly:
         if chunk.offset != 0:
             raise ReplicationError(f"snapshot starts at offset {chunk.offset}, not 0")
         return cls(
@@ -60,10 +99,10 @@ class SnapshotAssembly:
             chunk.snapshot_lsn,
             chunk.total_bytes,
             chunk.total_crc32c,
-            [],
+            decoder,
         )
 
-    def add(self, chunk: SnapshotChunk) -> InstallSnapshot | None:
+    def check(self, chunk: SnapshotChunk) -> None:
         described = (
             chunk.source_cluster_id,
             chunk.source_database_id,
@@ -91,45 +130,65 @@ class SnapshotAssembly:
             raise ReplicationError(
                 f"snapshot overruns its {self.total_bytes} bytes at offset {chunk.offset}"
             )
-        self.parts.append(chunk.data)
+
+    def add(self, chunk: SnapshotChunk) -> list[Entry]:
+        """Take a checked chunk; the entries it completed (for the caller's checks)."""
         self.received += len(chunk.data)
-        if not chunk.done:
-            return None
+        self.running_crc = crc32c(chunk.data, self.running_crc)
+        try:
+            return self.decoder.feed(chunk.data)
+        except MalformedFrame as error:
+            raise ReplicationError(f"snapshot content is unreadable: {error.detail}") from None
+
+    def finish(self) -> None:
         if self.received != self.total_bytes:
             raise ReplicationError(f"snapshot ended at {self.received} bytes of {self.total_bytes}")
-        data = b"".join(self.parts)
-        actual = crc32c(data)
-        if actual != self.total_crc32c:
+        if self.running_crc != self.total_crc32c:
             raise ReplicationError(
-                f"snapshot CRC-32C mismatch: computed 0x{actual:08x}, "
+                f"snapshot CRC-32C mismatch: computed 0x{self.running_crc:08x}, "
                 f"the source announced 0x{self.total_crc32c:08x}"
             )
         try:
-            entries = decode_snapshot(data)
-        except ValueError as error:
-            raise ReplicationError(f"snapshot content is unreadable: {error}") from None
-        lsns = [entry.lsn for entry in entries]
-        if lsns != list(range(1, self.snapshot_lsn + 1)):
+            self.decoder.finish(self.snapshot_lsn)
+        except MalformedFrame as error:
             raise ReplicationError(
                 f"snapshot at LSN {self.snapshot_lsn} must hold entries 1..{self.snapshot_lsn} "
-                f"in order; it holds {len(lsns)} entries"
-                + (f" from {lsns[0]} to {lsns[-1]}" if lsns else "")
-            )
-        return InstallSnapshot(self.snapshot_lsn, data, tuple(entries))
+                f"in order: {error.detail}"
+            ) from None
 
 
 class ReplicationCursor:
-    """Where one mirror database stands in its source's log."""
+    """Where one mirror database stands in its source's log.
 
-    def __init__(self, cluster_id: str, database_id: str, applied_lsn: int) -> None:
+    ``applied_lsn``/``applied_term`` are what the store committed;
+    ``accepted_*`` what this subscription accepted and may not yet be committed.
+    """
+
+    def __init__(
+        self,
+        cluster_id: str,
+        database_id: str,
+        applied_lsn: int,
+        applied_term: int = 0,
+        *,
+        spool: SnapshotSpool | None = None,
+        max_snapshot_bytes: int | None = None,
+    ) -> None:
         self.cluster_id = cluster_id
         self.database_id = database_id
         self.applied_lsn = applied_lsn
-        # Accepted frames may wait to be committed together; order is checked
-        # against what was accepted, durability against what was committed.
+        self.applied_term = applied_term
         self.accepted_lsn = applied_lsn
+        self.accepted_term = applied_term
         self.highest_seen_lsn = applied_lsn
+        self.max_snapshot_bytes = max_snapshot_bytes
+        self._spool: SnapshotSpool = spool if spool is not None else MemorySpool()
         self._snapshot: SnapshotAssembly | None = None
+        # What the store held when this subscription began: an entry right after it
+        # whose term is lower proves the source's history differs from ours.
+        self._subscribed_after = applied_lsn
+        # The transfer that last ended on this subscription: later chunks of it are MALFORMED.
+        self._finished_transfer: tuple[int, int, int] | None = None
 
     @property
     def subscribe_from(self) -> int:
@@ -137,8 +196,19 @@ class ReplicationCursor:
 
     def restart(self) -> None:
         """A new subscription: whatever snapshot was half received is dropped."""
+        if self._snapshot is not None:
+            self._spool.discard()
         self._snapshot = None
+        self._finished_transfer = None
+        self._subscribed_after = self.applied_lsn
         self.accepted_lsn = self.applied_lsn
+        self.accepted_term = self.applied_term
+
+    def reset(self) -> None:
+        """Start over from nothing (a resync): the next subscription asks for everything."""
+        self.applied_lsn = self.applied_term = 0
+        self.highest_seen_lsn = 0
+        self.restart()
 
     def accept(self, frame: Frame) -> Commit | None:
         """What to commit for ``frame`` (None while a snapshot is incomplete)."""
@@ -150,11 +220,16 @@ class ReplicationCursor:
 
     def committed(self, commit: Commit) -> None:
         """The store holds ``commit`` now."""
+        if isinstance(commit, ResetReplica):
+            self.applied_lsn = self.applied_term = 0
+            return
+        self.applied_lsn = commit.last_lsn
+        self.applied_term = commit.last_term
         if isinstance(commit, InstallSnapshot):
-            self.applied_lsn = commit.snapshot_lsn
-        else:
-            self.applied_lsn = commit.last_lsn
+            commit.spool.discard()
         self.highest_seen_lsn = max(self.highest_seen_lsn, self.applied_lsn)
+
+    # -- snapshots ----------------------------------------------------------------------
 
     def _chunk(self, chunk: SnapshotChunk) -> InstallSnapshot | None:
         if (chunk.source_cluster_id, chunk.source_database_id) != (
@@ -166,18 +241,57 @@ class ReplicationCursor:
                 f"on the stream of {self.cluster_id}/{self.database_id}"
             )
         if self._snapshot is None:
-            if chunk.snapshot_lsn < self.accepted_lsn:
-                raise ReplicationError(
-                    f"snapshot at LSN {chunk.snapshot_lsn} is older than LSN "
-                    f"{self.accepted_lsn}, which this mirror already holds"
-                )
-            self._snapshot = SnapshotAssembly.begin(chunk)
-        install = self._snapshot.add(chunk)
-        if install is not None:
-            self._snapshot = None
-            self.accepted_lsn = install.snapshot_lsn
-            self.highest_seen_lsn = max(self.highest_seen_lsn, install.snapshot_lsn)
-        return install
+            self._snapshot = self._begin_transfer(chunk)
+        assembly = self._snapshot
+        assembly.check(chunk)
+        # Spooled before it is decoded: a chunk that breaks the content still ends
+        # the transfer, and the spool is dropped with it.
+        self._spool.write(chunk.data)
+        for entry in assembly.add(chunk):
+            self._check_against_applied(entry)
+        if not chunk.done:
+            return None
+        assembly.finish()
+        self._snapshot = None
+        self._finished_transfer = (chunk.snapshot_lsn, chunk.total_bytes, chunk.total_crc32c)
+        self.accepted_lsn = assembly.snapshot_lsn
+        self.accepted_term = assembly.decoder.last_term
+        self.highest_seen_lsn = max(self.highest_seen_lsn, assembly.snapshot_lsn)
+        return InstallSnapshot(
+            assembly.snapshot_lsn, assembly.decoder.last_term, assembly.total_bytes, self._spool
+        )
+
+    def _begin_transfer(self, chunk: SnapshotChunk) -> SnapshotAssembly:
+        described = (chunk.snapshot_lsn, chunk.total_bytes, chunk.total_crc32c)
+        if chunk.offset != 0 and described == self._finished_transfer:
+            raise ReplicationError(
+                f"a chunk at offset {chunk.offset} of the snapshot at LSN {chunk.snapshot_lsn}, "
+                "whose transfer already ended"
+            )
+        if chunk.snapshot_lsn <= self.accepted_lsn:
+            raise ReplicationError(
+                f"snapshot at LSN {chunk.snapshot_lsn} is not above LSN {self.accepted_lsn}, "
+                "which this mirror already holds"
+            )
+        if self.max_snapshot_bytes is not None and chunk.total_bytes > self.max_snapshot_bytes:
+            raise SnapshotTooLarge(chunk.total_bytes, self.max_snapshot_bytes)
+        assembly = SnapshotAssembly.begin(chunk, SnapshotDecoder())
+        self._spool.begin(chunk.total_bytes)
+        return assembly
+
+    def _check_against_applied(self, entry: Entry) -> None:
+        # The snapshot replaces what this mirror holds, which is only right if it
+        # holds the same entry where the mirror's history ends.
+        if entry.lsn == self.applied_lsn and self.applied_term and entry.term != self.applied_term:
+            raise HistoryDiverged(
+                f"the source's snapshot has term {entry.term} at LSN {entry.lsn}, where this "
+                f"replica holds term {self.applied_term}",
+                lsn=entry.lsn,
+                mirror_term=self.applied_term,
+                source_term=entry.term,
+            )
+
+    # -- entries --------------------------------------------------------------------------
 
     def _entries(self, frame: Entries) -> ApplyEntries:
         if self._snapshot is not None:
@@ -188,6 +302,24 @@ class ReplicationCursor:
             raise ReplicationError(
                 f"{kind}: ENTRIES start at LSN {frame.first_lsn}, expected {expected}"
             )
+        previous = self.accepted_term
+        for entry in frame.entries:
+            if entry.term < previous:
+                if entry.lsn == self._subscribed_after + 1:
+                    # Right after what this replica held when it subscribed: the
+                    # source's entry there cannot have our term (terms never go down).
+                    raise HistoryDiverged(
+                        f"the source's entry {entry.lsn} has term {entry.term}, below term "
+                        f"{previous} of this replica's entry {self._subscribed_after}",
+                        lsn=self._subscribed_after,
+                        mirror_term=previous,
+                        source_term=None,
+                    )
+                raise ReplicationError(
+                    f"term goes down at LSN {entry.lsn}: {entry.term} after {previous}"
+                )
+            previous = entry.term
         self.accepted_lsn = frame.last_lsn
+        self.accepted_term = previous
         self.highest_seen_lsn = max(self.highest_seen_lsn, frame.last_lsn)
         return ApplyEntries(frame.entries)

@@ -52,7 +52,7 @@ class LinkStream:
     def __init__(
         self,
         connection: LinkConnection,
-        on_applied: Callable[[int], None] | None = None,
+        on_applied: Callable[[int, int | None], None] | None = None,
         listener: StreamListener | None = None,
     ) -> None:
         self._connection = connection
@@ -107,11 +107,18 @@ class LinkStream:
         while True:
             yield self.recv(timeout)
 
-    def ack(self, applied_lsn: int, consumed_bytes: int | None = None) -> None:
-        """Send an ACK and record ``applied_lsn``.
+    def ack(
+        self,
+        applied_lsn: int,
+        consumed_bytes: int | None = None,
+        *,
+        applied_term: int | None = None,
+    ) -> None:
+        """Send an ACK and record ``applied_lsn`` (and its entry's ``applied_term``).
 
         ``consumed_bytes`` defaults to everything ``recv`` returned since the last
         ACK; a listener passes the ``payload_bytes`` of the deliveries it consumed.
+        The link sends the recorded LSN and term in its next HELLO.
         """
         self._check_open()
         with self._lock:
@@ -120,7 +127,7 @@ class LinkStream:
         frame = encode_frame(Ack(applied_lsn, consumed_bytes))
         self._connection.submit_send(self, frame, consumed_bytes)
         if self._on_applied is not None:
-            self._on_applied(applied_lsn)
+            self._on_applied(applied_lsn, applied_term)
 
     def close(self) -> None:
         """Finish this side of the stream and stop reading it."""

@@ -15,12 +15,22 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
-from mirror_actors.protocol import ALPN, FrameDecoder, Hello, HelloAck, Subscribe, encode_frame
+from mirror_actors.protocol import (
+    ALPN,
+    Ack,
+    FrameDecoder,
+    Hello,
+    HelloAck,
+    SnapshotChunk,
+    Subscribe,
+    encode_frame,
+)
 
 
 def accept(cluster: str) -> Callable[[Hello], bytes]:
@@ -73,6 +83,9 @@ class RogueSource:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="rogue-source", daemon=True)
         self._server: QuicServer | None = None
+        self._protocol_factory: Callable[..., QuicConnectionProtocol] = lambda *a, **k: _Rogue(
+            *a, source=self, **k
+        )
         self.port = 0
 
     def _run(self, started: concurrent.futures.Future[int]) -> None:
@@ -83,7 +96,7 @@ class RogueSource:
                     "127.0.0.1",
                     0,
                     configuration=self._configuration,
-                    create_protocol=lambda *a, **k: _Rogue(*a, source=self, **k),
+                    create_protocol=self._protocol_factory,
                 )
             )
             assert self._server._transport is not None
@@ -105,3 +118,104 @@ class RogueSource:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+class _Flood(QuicConnectionProtocol):
+    def __init__(self, *args: Any, source: SnapshotFloodSource, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = source
+        self.decoders: dict[int, FrameDecoder] = {}
+        self.stream_id: int | None = None
+        self.offset = 0
+        self.in_flight = 0
+        self.next_lsn = 1
+        self.pending = b""
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if not isinstance(event, events.StreamDataReceived):
+            return
+        decoder = self.decoders.setdefault(event.stream_id, FrameDecoder())
+        for frame in decoder.feed(event.data):
+            if isinstance(frame, Hello):
+                ack = HelloAck.accept(
+                    self.source.cluster,
+                    snapshot_lsn=10**12,
+                    snapshot_bytes_total=self.source.announced,
+                )
+                self._quic.send_stream_data(event.stream_id, encode_frame(ack), True)
+            elif isinstance(frame, Subscribe):
+                self.stream_id = event.stream_id
+            elif isinstance(frame, Ack):
+                self.in_flight = max(0, self.in_flight - frame.bytes)
+        self._pump()
+        self.transmit()
+
+    def _pump(self) -> None:
+        source = self.source
+        while (
+            self.stream_id is not None
+            and self.in_flight < source.window
+            and self.offset < source.send_bytes
+        ):
+            while len(self.pending) < source.chunk_size:
+                item = [self.next_lsn, 1, b"s" * source.entry_size]
+                self.pending += msgpack.packb(item, use_bin_type=True)
+                self.next_lsn += 1
+            data, self.pending = (
+                self.pending[: source.chunk_size],
+                self.pending[source.chunk_size :],
+            )
+            chunk = SnapshotChunk(
+                source.cluster,
+                source.database,
+                10**12,
+                source.announced,
+                0,
+                self.offset,
+                data,
+                False,
+            )
+            payload_size = len(encode_frame(chunk)) - 5
+            self._quic.send_stream_data(self.stream_id, encode_frame(chunk))
+            self.offset += len(data)
+            self.in_flight += payload_size
+            source.sent_bytes = self.offset
+
+
+class SnapshotFloodSource:
+    """Announces a huge snapshot and streams valid-looking chunks of it, flow-controlled.
+
+    It sends ``send_bytes`` of a snapshot it says is ``announced`` bytes long,
+    keeping at most ``window`` payload bytes unacknowledged, then goes quiet.
+    """
+
+    def __init__(
+        self,
+        certfile: str,
+        keyfile: str,
+        cluster: str,
+        database: str,
+        *,
+        announced: int,
+        send_bytes: int,
+        window: int = 8 << 20,
+        chunk_size: int = 1 << 19,
+        entry_size: int = 60_000,
+    ) -> None:
+        self.cluster, self.database = cluster, database
+        self.announced, self.send_bytes, self.window = announced, send_bytes, window
+        self.chunk_size, self.entry_size = chunk_size, entry_size
+        self.sent_bytes = 0
+        self._rogue = RogueSource(certfile, keyfile, lambda hello: b"")
+        self._rogue._protocol_factory = lambda *a, **k: _Flood(*a, source=self, **k)
+
+    @property
+    def port(self) -> int:
+        return self._rogue.port
+
+    def __enter__(self) -> SnapshotFloodSource:
+        self._rogue.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._rogue.__exit__(*exc)

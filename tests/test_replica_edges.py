@@ -1,0 +1,305 @@
+"""A replica at the edges: huge or hostile snapshots, failing stores, diverged histories.
+
+Real QUIC on loopback, real SQLite files, another process holding a lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from loguru import logger
+
+from mirror_actors.errors import HistoryDiverged, SnapshotTooLarge
+from mirror_actors.link import link_strategy
+from mirror_actors.link_config import LinkConfig
+from mirror_actors.pki import DevPki
+from mirror_actors.protocol import Entries, Entry, HelloAck, encode_frame
+from mirror_actors.replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from mirror_actors.replica_store import (
+    SqliteReplicaStore,
+    entries_digest,
+    read_replica_file,
+)
+from mirror_actors.replication import ApplyEntries
+from mirror_actors.snapshot_spool import StoreUnusable
+from mirror_actors.source_server import SourceServer
+from mirror_actors.store import SourceStore
+from supervisors import EscalationEvent
+from tests.rogue_source import RogueSource, SnapshotFloodSource
+
+CLUSTER = "us-east"
+LINK = "us-east/orders"
+WAIT = 20.0
+
+
+def wait_until(predicate: Any, timeout: float = WAIT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.01)
+
+
+def config(pki: DevPki, port: int, **overrides: Any) -> LinkConfig:
+    return LinkConfig(
+        CLUSTER, "orders", ca_file=str(pki.ca.cert), port=port, handshake_timeout=2.0, **overrides
+    )
+
+
+def status(replica: Any) -> ReplicaStatus:
+    return cast(ReplicaStatus, replica.ask(GetReplicaStatus()))
+
+
+def fast_strategy() -> Any:
+    return link_strategy(base=0.05, max_delay=0.2)
+
+
+def resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class Escalations:
+    def __init__(self) -> None:
+        self.events: list[EscalationEvent] = []
+        self.arrived = threading.Event()
+
+    def __call__(self, event: EscalationEvent) -> None:
+        self.events.append(event)
+        self.arrived.set()
+
+    def wait(self, timeout: float = WAIT) -> BaseException:
+        assert self.arrived.wait(timeout), "no escalation"
+        return self.events[0].root_cause
+
+
+def server(pki: DevPki, store: SourceStore, port: int = 0) -> SourceServer:
+    pair = pki.source(CLUSTER)
+    return SourceServer(
+        CLUSTER, ("orders",), certfile=str(pair.cert), keyfile=str(pair.key), store=store, port=port
+    ).start()
+
+
+# -- bounded memory ----------------------------------------------------------------
+
+
+def test_a_ten_gigabyte_snapshot_announcement_spools_to_disk_with_flat_memory(
+    pki: DevPki, tmp_path: Path
+) -> None:
+    pair = pki.source(CLUSTER)
+    sent = 300 << 20
+    flood = SnapshotFloodSource(
+        str(pair.cert), str(pair.key), CLUSTER, "orders", announced=10 << 30, send_bytes=sent
+    )
+    path = tmp_path / "replica.db"
+    with flood:
+        replica = MirrorDatabase.start(config(pki, flood.port), SqliteReplicaStore(path, LINK))
+        try:
+            wait_until(lambda: flood.sent_bytes > 0, what="the first chunk")
+            baseline = peak = resident_bytes()
+            deadline = time.monotonic() + 120
+            spool = Path(str(path) + ".snapshot-spool")
+            while not (spool.exists() and spool.stat().st_size >= sent):
+                assert time.monotonic() < deadline, f"spooled only {spool.stat().st_size} bytes"
+                peak = max(peak, resident_bytes())
+                time.sleep(0.05)
+            current = status(replica)
+        finally:
+            replica.stop()
+    assert current.state == "connected" and current.applied_lsn == 0
+    assert peak - baseline < 100 << 20, f"resident memory grew by {(peak - baseline) >> 20} MiB"
+    assert not Path(str(path) + ".snapshot-spool").exists(), "the spool goes with the replica"
+    assert read_replica_file(path) == (0, []), "nothing installed from an incomplete snapshot"
+
+
+def test_a_snapshot_over_max_snapshot_bytes_escalates_at_its_first_chunk(
+    pki: DevPki, tmp_path: Path
+) -> None:
+    pair = pki.source(CLUSTER)
+    flood = SnapshotFloodSource(
+        str(pair.cert), str(pair.key), CLUSTER, "orders", announced=10 << 30, send_bytes=4 << 20
+    )
+    escalations = Escalations()
+    with flood:
+        replica = MirrorDatabase.start(
+            config(pki, flood.port, max_snapshot_bytes=1 << 30),
+            SqliteReplicaStore(tmp_path / "replica.db", LINK),
+            on_escalation=escalations,
+        )
+        try:
+            cause = escalations.wait()
+            assert status(replica).state == "escalated"
+        finally:
+            replica.stop()
+    assert isinstance(cause, SnapshotTooLarge) and cause.hard
+    assert "max_snapshot_bytes" in str(cause) and str(10 << 30) in str(cause)
+
+
+# -- store failures ----------------------------------------------------------------
+
+_HOLD_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+"""
+
+
+@pytest.fixture
+def source_store() -> SourceStore:
+    return SourceStore(["orders"])
+
+
+@pytest.fixture
+def source(pki: DevPki, source_store: SourceStore) -> Iterator[SourceServer]:
+    running = server(pki, source_store)
+    yield running
+    running.stop()
+
+
+def test_a_store_locked_by_another_process_is_retried_and_the_replica_recovers_exactly(
+    pki: DevPki, source_store: SourceStore, source: SourceServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "replica.db"
+    log = source_store["orders"]
+    for i in range(50):
+        log.append(b"before %d" % i)
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    replica = MirrorDatabase.start(
+        config(pki, source.port),
+        SqliteReplicaStore(path, LINK, busy_timeout=0.2),
+        strategy=fast_strategy(),
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: status(replica).applied_lsn == 50, what="catch-up")
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for i in range(50):
+            log.append(b"while locked %d" % i)
+        wait_until(lambda: status(replica).supervision.restarts >= 2, what="retries while locked")
+        assert status(replica).applied_lsn == 50, "nothing committed while the file is locked"
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+        wait_until(lambda: status(replica).applied_lsn == 100, what="recovery")
+        assert status(replica).state == "connected"
+    finally:
+        holder.kill()
+        holder.wait()
+        replica.stop()
+        logger.remove(sink)
+    applied, entries = read_replica_file(path)
+    assert applied == 100
+    assert [e.lsn for e in entries] == list(range(1, 101))
+    assert entries_digest(entries) == entries_digest(log.entries())
+    assert any("database is locked" in message for message in messages), "the failure is logged"
+
+
+def test_a_store_whose_schema_changes_under_a_running_replica_escalates(
+    pki: DevPki, source_store: SourceStore, source: SourceServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "replica.db"
+    source_store["orders"].append(b"one")
+    escalations = Escalations()
+    replica = MirrorDatabase.start(
+        config(pki, source.port), SqliteReplicaStore(path, LINK), on_escalation=escalations
+    )
+    try:
+        wait_until(lambda: status(replica).applied_lsn == 1)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("DROP TABLE entries")
+        other.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, body TEXT)")
+        other.close()
+        source_store["orders"].append(b"two")
+        cause = escalations.wait()
+        assert status(replica).state == "escalated"
+    finally:
+        replica.stop()
+    assert isinstance(cause, StoreUnusable) and cause.hard
+    assert str(path) in str(cause)
+
+
+def test_a_foreign_schema_file_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, body TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreUnusable, match=r"app\.db"):
+        SqliteReplicaStore(path, LINK)
+
+
+def test_the_largest_term_and_a_high_lsn_round_trip_through_a_sqlite_replica(
+    pki: DevPki, source_store: SourceStore, source: SourceServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "replica.db"
+    log = source_store["orders"]
+    log.append(b"low", term=1)
+    log.append(b"top", term=2**63)
+    log.append(b"max", term=2**64 - 1)
+    replica = MirrorDatabase.start(config(pki, source.port), SqliteReplicaStore(path, LINK))
+    try:
+        wait_until(lambda: status(replica).applied_lsn == 3)
+        assert status(replica).state == "connected"
+    finally:
+        replica.stop()
+    _, entries = read_replica_file(path)
+    assert [e.term for e in entries] == [1, 2**63, 2**64 - 1]
+    reopened = SqliteReplicaStore(path, LINK)
+    try:
+        assert reopened.last_applied_term() == 2**64 - 1
+    finally:
+        reopened.close()
+
+
+# -- history -------------------------------------------------------------------------
+
+
+def test_a_source_that_does_not_check_history_is_caught_by_the_mirror(
+    pki: DevPki, tmp_path: Path
+) -> None:
+    """A term below the replica's last one right after it proves another history."""
+    path = tmp_path / "replica.db"
+    seeded = SqliteReplicaStore(path, LINK)
+    seeded.commit([ApplyEntries(tuple(Entry(lsn, 5, b"old") for lsn in range(1, 4)))])
+    seeded.close()
+    pair = pki.source(CLUSTER)
+    later = encode_frame(Entries([Entry(4, 3, b"new")]))
+    rogue = RogueSource(
+        str(pair.cert),
+        str(pair.key),
+        lambda hello: encode_frame(HelloAck.accept(CLUSTER)),
+        lambda subscribe: later,
+    )
+    escalations = Escalations()
+    with rogue:
+        replica = MirrorDatabase.start(
+            config(pki, rogue.port), SqliteReplicaStore(path, LINK), on_escalation=escalations
+        )
+        try:
+            cause = escalations.wait()
+        finally:
+            replica.stop()
+    assert isinstance(cause, HistoryDiverged) and cause.hard
+    assert cause.lsn == 3 and cause.mirror_term == 5
+    assert read_replica_file(path)[0] == 3, "the replica is left as it was"
+    hellos = [frame for frame in rogue.received if type(frame).__name__ == "Hello"]
+    assert hellos and hellos[0].last_applied_lsn == 3 and hellos[0].last_applied_term == 5
