@@ -4,12 +4,15 @@ from .errors import (
     ClusterIdMismatch,
     ErrorCode,
     HandshakeTimeout,
+    HistoryDiverged,
     LinkNotConnected,
     MalformedFrame,
     MirrorError,
     MirrorPromoted,
     ObserverRoleViolation,
     ProtocolVersionMismatch,
+    SnapshotTooLarge,
+    SourceOverloaded,
     SourceShutdown,
     TlsVerificationError,
     TransportError,
@@ -25,11 +28,13 @@ from .link import (
     LinkUp,
     OpenStream,
     Promote,
+    SetPosition,
     SourceLink,
     link_strategy,
 )
 from .link_config import LinkConfig
 from .link_state import LinkState, LinkStatus
+from .logging_bridge import install_logging_bridge, uninstall_logging_bridge
 from .pki import CertificateAuthority, CertKeyPair, DevPki, generate_dev_pki
 from .protocol import (
     ALPN,
@@ -52,7 +57,7 @@ from .protocol import (
     Subscribe,
     encode_frame,
 )
-from .replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from .replica import GetReplicaStatus, MirrorDatabase, OnDivergence, ReplicaStatus
 from .replica_store import (
     MemoryReplicaStore,
     ReplicaStore,
@@ -67,7 +72,10 @@ from .replication import (
     InstallSnapshot,
     ReplicationCursor,
     ReplicationError,
+    ResetReplica,
 )
+from .snapshot_format import SnapshotDecoder
+from .snapshot_spool import FileSpool, MemorySpool, SnapshotSpool, StoreFailure, StoreUnusable
 from .source_server import ConnectionInfo, SourceServer
 from .source_session import SourceSession, SourceSettings
 from .store import DatabaseLog, Snapshot, SourceStore, crc32c, decode_snapshot, encode_snapshot
@@ -95,6 +103,7 @@ __all__ = [
     "Error",
     "ErrorCode",
     "FailLink",
+    "FileSpool",
     "Frame",
     "FrameDecoder",
     "FrameTooLarge",
@@ -104,6 +113,7 @@ __all__ = [
     "HandshakeTimeout",
     "Hello",
     "HelloAck",
+    "HistoryDiverged",
     "InstallSnapshot",
     "LinkConfig",
     "LinkDown",
@@ -114,10 +124,12 @@ __all__ = [
     "LinkUp",
     "MalformedFrame",
     "MemoryReplicaStore",
+    "MemorySpool",
     "MirrorDatabase",
     "MirrorError",
     "MirrorPromoted",
     "ObserverRoleViolation",
+    "OnDivergence",
     "OpenStream",
     "Promote",
     "Propose",
@@ -127,16 +139,24 @@ __all__ = [
     "ReplicationCursor",
     "ReplicationError",
     "RequestVote",
+    "ResetReplica",
+    "SetPosition",
     "Snapshot",
     "SnapshotChunk",
+    "SnapshotDecoder",
+    "SnapshotSpool",
+    "SnapshotTooLarge",
     "SourceLink",
+    "SourceOverloaded",
     "SourceServer",
     "SourceSession",
     "SourceSettings",
     "SourceShutdown",
     "SourceStore",
     "SqliteReplicaStore",
+    "StoreFailure",
     "StoreMismatch",
+    "StoreUnusable",
     "StreamClosed",
     "StreamListener",
     "Subscribe",
@@ -150,6 +170,8 @@ __all__ = [
     "entries_digest",
     "error_for_code",
     "generate_dev_pki",
+    "install_logging_bridge",
     "link_strategy",
     "read_replica_file",
+    "uninstall_logging_bridge",
 ]

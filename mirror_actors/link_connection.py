@@ -25,6 +25,7 @@ from loguru import logger
 from .errors import (
     ErrorCode,
     HandshakeTimeout,
+    HistoryDiverged,
     MalformedFrame,
     MirrorError,
     ObserverRoleViolation,
@@ -184,6 +185,14 @@ class LinkConnection:
         self._send(HANDSHAKE_STREAM_ID, encode_frame(hello), end_stream=True)
         ack = await self._ack
         error = error_for_ack(self.config, ack)
+        if isinstance(error, HistoryDiverged):
+            # The source's detail says why; the position it judged is this HELLO's.
+            error = HistoryDiverged(
+                f"{error.detail} (this replica's last applied LSN {last_applied_lsn}, "
+                f"term {last_applied_term})",
+                lsn=last_applied_lsn,
+                mirror_term=last_applied_term,
+            )
         if error is not None:
             if ack.accepted:  # the source accepted, we refuse: tell it why
                 self.close(int(ErrorCode.CLUSTER_ID), str(error)[:200])

@@ -303,3 +303,21 @@ def test_a_source_that_does_not_check_history_is_caught_by_the_mirror(
     assert read_replica_file(path)[0] == 3, "the replica is left as it was"
     hellos = [frame for frame in rogue.received if type(frame).__name__ == "Hello"]
     assert hellos and hellos[0].last_applied_lsn == 3 and hellos[0].last_applied_term == 5
+
+
+def test_a_standalone_link_sends_the_position_it_was_given(pki: DevPki) -> None:
+    from mirror_actors.link import Connect, Disconnect, SourceLink
+
+    pair = pki.source(CLUSTER)
+    rogue = RogueSource(
+        str(pair.cert), str(pair.key), lambda hello: encode_frame(HelloAck.accept(CLUSTER))
+    )
+    with rogue:
+        link = SourceLink.start(config(pki, rogue.port))
+        try:
+            link.ask(Connect(last_applied_lsn=7, last_applied_term=3), timeout=WAIT)
+            link.ask(Disconnect())
+        finally:
+            link.stop()
+    hello = next(frame for frame in rogue.received if type(frame).__name__ == "Hello")
+    assert (hello.last_applied_lsn, hello.last_applied_term) == (7, 3)
