@@ -219,3 +219,20 @@ class SnapshotFloodSource:
 
     def __exit__(self, *exc: object) -> None:
         self._rogue.__exit__(*exc)
+
+
+def _serve_flood_until_stdin_closes() -> None:
+    """``python -m tests.rogue_source CERT KEY CLUSTER DATABASE ANNOUNCED SEND``: a flood in
+    a process of its own (prints its port), so a test measures the mirror alone."""
+    import sys
+
+    cert, key, cluster, database, announced, send = sys.argv[1:7]
+    with SnapshotFloodSource(
+        cert, key, cluster, database, announced=int(announced), send_bytes=int(send)
+    ) as flood:
+        print(flood.port, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    _serve_flood_until_stdin_closes()

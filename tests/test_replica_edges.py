@@ -98,27 +98,47 @@ def test_a_ten_gigabyte_snapshot_announcement_spools_to_disk_with_flat_memory(
 ) -> None:
     pair = pki.source(CLUSTER)
     sent = 300 << 20
-    flood = SnapshotFloodSource(
-        str(pair.cert), str(pair.key), CLUSTER, "orders", announced=10 << 30, send_bytes=sent
+    # The source in a process of its own: what grows here is the mirror's alone.
+    flood = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.rogue_source",
+            str(pair.cert),
+            str(pair.key),
+            CLUSTER,
+            "orders",
+            str(10 << 30),
+            str(sent),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
     )
     path = tmp_path / "replica.db"
-    with flood:
-        replica = MirrorDatabase.start(config(pki, flood.port), SqliteReplicaStore(path, LINK))
+    spool = Path(str(path) + ".snapshot-spool")
+    try:
+        assert flood.stdout is not None
+        port = int(flood.stdout.readline())
+        replica = MirrorDatabase.start(config(pki, port), SqliteReplicaStore(path, LINK))
         try:
-            wait_until(lambda: flood.sent_bytes > 0, what="the first chunk")
+            wait_until(lambda: spool.exists() and spool.stat().st_size > 0, what="the first chunk")
             baseline = peak = resident_bytes()
             deadline = time.monotonic() + 120
-            spool = Path(str(path) + ".snapshot-spool")
-            while not (spool.exists() and spool.stat().st_size >= sent):
+            while spool.stat().st_size < sent:
                 assert time.monotonic() < deadline, f"spooled only {spool.stat().st_size} bytes"
                 peak = max(peak, resident_bytes())
                 time.sleep(0.05)
             current = status(replica)
         finally:
             replica.stop()
+    finally:
+        flood.kill()
+        flood.wait()
     assert current.state == "connected" and current.applied_lsn == 0
     assert peak - baseline < 100 << 20, f"resident memory grew by {(peak - baseline) >> 20} MiB"
-    assert not Path(str(path) + ".snapshot-spool").exists(), "the spool goes with the replica"
+    assert not spool.exists(), "the spool goes with the replica"
     assert read_replica_file(path) == (0, []), "nothing installed from an incomplete snapshot"
 
 
@@ -321,3 +341,93 @@ def test_a_standalone_link_sends_the_position_it_was_given(pki: DevPki) -> None:
             link.stop()
     hello = next(frame for frame in rogue.received if type(frame).__name__ == "Hello")
     assert (hello.last_applied_lsn, hello.last_applied_term) == (7, 3)
+
+
+def _fill(log: Any, count: int, term: int, tag: bytes) -> None:
+    for i in range(count):
+        log.append(tag + b" %d" % i, term=term)
+
+
+@pytest.mark.parametrize(
+    ("new_count", "new_term", "words"),
+    [(50, 1, "ahead"), (100, 2, "term")],
+    ids=["source-behind-the-mirror", "same-length-other-terms"],
+)
+def test_a_source_with_another_history_escalates_and_the_replica_is_kept(
+    pki: DevPki, tmp_path: Path, new_count: int, new_term: int, words: str
+) -> None:
+    path = tmp_path / "replica.db"
+    old = SourceStore(["orders"])
+    _fill(old["orders"], 100, 1, b"old")
+    running = server(pki, old)
+    port = running.port
+    first = MirrorDatabase.start(config(pki, port), SqliteReplicaStore(path, LINK))
+    try:
+        wait_until(lambda: status(first).applied_lsn == 100)
+    finally:
+        first.stop()
+        running.stop()
+    before = read_replica_file(path)
+    new = SourceStore(["orders"])
+    _fill(new["orders"], new_count, new_term, b"new")
+    running = server(pki, new, port)
+    escalations = Escalations()
+    replica = MirrorDatabase.start(
+        config(pki, port), SqliteReplicaStore(path, LINK), on_escalation=escalations
+    )
+    try:
+        cause = escalations.wait()
+        current = status(replica)
+        _fill(new["orders"], 10, new_term, b"more")
+    finally:
+        replica.stop()
+        running.stop()
+    assert isinstance(cause, HistoryDiverged) and cause.hard
+    assert cause.lsn == 100 and cause.mirror_term == 1
+    assert words in str(cause) and "on_divergence" in str(cause)
+    assert current.state == "escalated"
+    assert read_replica_file(path) == before, "the replica is exactly as it was"
+
+
+@pytest.mark.parametrize(("new_count", "new_term"), [(50, 1), (150, 2)])
+@pytest.mark.parametrize("compacted", [False, True], ids=["entries", "snapshot"])
+def test_resync_replaces_the_replica_with_the_new_history(
+    pki: DevPki, tmp_path: Path, new_count: int, new_term: int, compacted: bool
+) -> None:
+    path = tmp_path / "replica.db"
+    old = SourceStore(["orders"])
+    _fill(old["orders"], 100, 1, b"old")
+    running = server(pki, old)
+    port = running.port
+    first = MirrorDatabase.start(config(pki, port), SqliteReplicaStore(path, LINK))
+    try:
+        wait_until(lambda: status(first).applied_lsn == 100)
+    finally:
+        first.stop()
+        running.stop()
+    new = SourceStore(["orders"])
+    _fill(new["orders"], new_count, new_term, b"new")
+    if compacted:
+        new["orders"].compact(new_count // 2)
+    running = server(pki, new, port)
+    escalations = Escalations()
+    replica = MirrorDatabase.start(
+        config(pki, port),
+        SqliteReplicaStore(path, LINK),
+        on_escalation=escalations,
+        on_divergence="resync",
+        strategy=fast_strategy(),
+    )
+    try:
+        wait_until(lambda: status(replica).applied_lsn == new_count, what="resync")
+        _fill(new["orders"], 10, new_term, b"more")
+        wait_until(lambda: status(replica).applied_lsn == new_count + 10, what="tailing")
+        current = status(replica)
+    finally:
+        replica.stop()
+        running.stop()
+    assert not escalations.events
+    assert current.state == "connected"
+    applied, entries = read_replica_file(path)
+    assert applied == new_count + 10
+    assert entries_digest(entries) == entries_digest(new["orders"].entries())
