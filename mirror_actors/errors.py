@@ -277,7 +277,9 @@ def error_for_code(
         case ErrorCode.SOURCE_SHUTDOWN:
             return SourceShutdown(detail)
         case ErrorCode.DIVERGED:
-            return HistoryDiverged(f"the source reported: {detail}" if detail else "reported by the source")
+            return HistoryDiverged(
+                f"the source reported: {detail}" if detail else "reported by the source"
+            )
         case ErrorCode.OVERLOADED:
             return SourceOverloaded(detail)
         case ErrorCode.NONE:

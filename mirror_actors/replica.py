@@ -47,7 +47,7 @@ from .link import (
 )
 from .link_config import LinkConfig
 from .link_state import LinkStatus
-from .protocol import Subscribe
+from .protocol import SnapshotChunk, Subscribe
 from .replica_store import MemoryReplicaStore, ReplicaStore
 from .replication import Commit, InstallSnapshot, ReplicationCursor, ReplicationError, ResetReplica
 from .snapshot_spool import StoreFailure
@@ -324,10 +324,15 @@ class MirrorDatabase(Supervisor):
         try:
             try:
                 for frame in message.delivery.frames:
+                    if isinstance(frame, SnapshotChunk) and frame.offset == 0 and commits:
+                        # A new transfer reuses the spool an accepted install still
+                        # reads from: install that one first.
+                        self._commit(commits)
+                        commits = []
                     commit = self._cursor.accept(frame)
                     if commit is not None:
                         commits.append(commit)
-            except MirrorError as error:
+            except MirrorError:
                 # What came before the bad frame is good; commit it first.
                 self._commit(commits)
                 raise

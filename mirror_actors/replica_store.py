@@ -34,9 +34,7 @@ class StoreMismatch(StoreUnusable):
     """A replica file belongs to another source database."""
 
     def __init__(self, path: str, holds: str, wanted: str) -> None:
-        super().__init__(
-            f"{path} holds {holds}, not {wanted}; use another file for this link"
-        )
+        super().__init__(f"{path} holds {holds}, not {wanted}; use another file for this link")
 
 
 class ReplicaStore(Protocol):
@@ -144,11 +142,15 @@ def _store_error(path: str, action: str, error: sqlite3.Error) -> StoreFailure |
     text = str(error)
     lowered = text.lower()
     transient = isinstance(error, sqlite3.OperationalError) and any(
-        marker in lowered
-        for marker in ("locked", "busy", "disk i/o", "full", "readonly", "unable to open", "interrupt")
+        marker in lowered for marker in ("locked", "busy", "disk i/o", "full", "interrupt")
     )
     if transient:
         return StoreFailure(f"{action} {path}: {text}")
+    if any(marker in lowered for marker in ("readonly", "unable to open", "permission")):
+        return StoreUnusable(
+            f"{action} {path}: {text}; check that its directory exists and that this "
+            "process may write the file"
+        )
     return StoreUnusable(
         f"{action} {path}: {text}; the file is not a replica this version can use: "
         "move it away or point the link at another file"
@@ -185,11 +187,13 @@ class SqliteReplicaStore:
     def _open(self, source: str) -> tuple[int, int]:
         db = self._db
         try:
+            # Before anything writes to it: a file of something else is left as it was
+            # (journal_mode=WAL alone would rewrite its header).
+            self._check_schema()
             db.execute("PRAGMA journal_mode=WAL")
             # WAL with synchronous=NORMAL survives a killed process; FULL would
             # also survive power loss at the cost of an fsync per commit.
             db.execute("PRAGMA synchronous=NORMAL")
-            self._check_schema()
             db.executescript(_SCHEMA)
             row = db.execute("SELECT source, last_applied_lsn FROM state").fetchone()
             if row is None:
@@ -290,7 +294,10 @@ class SqliteReplicaStore:
 
 
 def _entries_of(rows: Iterable[tuple[int, int, bytes]]) -> list[Entry]:
-    return [Entry(from_sqlite(int(lsn)), from_sqlite(int(term)), bytes(data)) for lsn, term, data in rows]
+    return [
+        Entry(from_sqlite(int(lsn)), from_sqlite(int(term)), bytes(data))
+        for lsn, term, data in rows
+    ]
 
 
 def read_replica_file(path: str | Path) -> tuple[int, list[Entry]]:

@@ -189,6 +189,9 @@ class ReplicationCursor:
         self._subscribed_after = applied_lsn
         # The transfer that last ended on this subscription: later chunks of it are MALFORMED.
         self._finished_transfer: tuple[int, int, int] | None = None
+        # An InstallSnapshot handed out and not yet committed: its entries are still
+        # read from the spool, so no other transfer may begin (and clear it) until then.
+        self._pending_install: InstallSnapshot | None = None
 
     @property
     def subscribe_from(self) -> int:
@@ -200,6 +203,7 @@ class ReplicationCursor:
             self._spool.discard()
         self._snapshot = None
         self._finished_transfer = None
+        self._pending_install = None
         self._subscribed_after = self.applied_lsn
         self.accepted_lsn = self.applied_lsn
         self.accepted_term = self.applied_term
@@ -227,6 +231,8 @@ class ReplicationCursor:
         self.applied_term = commit.last_term
         if isinstance(commit, InstallSnapshot):
             commit.spool.discard()
+            # Whichever install it was, the spool is empty now: nothing pends on it.
+            self._pending_install = None
         self.highest_seen_lsn = max(self.highest_seen_lsn, self.applied_lsn)
 
     # -- snapshots ----------------------------------------------------------------------
@@ -257,9 +263,11 @@ class ReplicationCursor:
         self.accepted_lsn = assembly.snapshot_lsn
         self.accepted_term = assembly.decoder.last_term
         self.highest_seen_lsn = max(self.highest_seen_lsn, assembly.snapshot_lsn)
-        return InstallSnapshot(
+        install = InstallSnapshot(
             assembly.snapshot_lsn, assembly.decoder.last_term, assembly.total_bytes, self._spool
         )
+        self._pending_install = install
+        return install
 
     def _begin_transfer(self, chunk: SnapshotChunk) -> SnapshotAssembly:
         described = (chunk.snapshot_lsn, chunk.total_bytes, chunk.total_crc32c)
@@ -276,6 +284,15 @@ class ReplicationCursor:
         if self.max_snapshot_bytes is not None and chunk.total_bytes > self.max_snapshot_bytes:
             raise SnapshotTooLarge(chunk.total_bytes, self.max_snapshot_bytes)
         assembly = SnapshotAssembly.begin(chunk, SnapshotDecoder())
+        pending = self._pending_install
+        if pending is not None:
+            # Beginning would overwrite the spool the pending install reads from.
+            # Raised before anything is spooled: what was accepted can still commit.
+            raise ReplicationError(
+                f"a snapshot at LSN {chunk.snapshot_lsn} began before the one at LSN "
+                f"{pending.snapshot_lsn} was committed; commit an InstallSnapshot before "
+                "feeding the next transfer's first chunk"
+            )
         self._spool.begin(chunk.total_bytes)
         return assembly
 

@@ -62,6 +62,10 @@ class SnapshotDecoder:
         self.next_lsn = 1
         self.last_term = previous_term
         self.bytes_fed = 0
+        # Where the last complete item ended. Not ``Unpacker.tell()`` at the end:
+        # the unpacker also consumes the header (and complete scalars) of an item
+        # it is still waiting for, so tell() would hide a truncated last entry.
+        self._boundary = 0
 
     @property
     def last_lsn(self) -> int:
@@ -91,6 +95,7 @@ class SnapshotDecoder:
                     f"snapshot is not a sequence of MessagePack [lsn, term, data] arrays: "
                     f"{type(error).__name__}: {error}"
                 ) from None
+            self._boundary = self._unpacker.tell()
             yield self._entry(item)
 
     def _entry(self, item: object) -> Entry:
@@ -103,7 +108,9 @@ class SnapshotDecoder:
             or not 0 <= item[0] < _U64_LIMIT
             or not 0 <= item[1] < _U64_LIMIT
         ):
-            raise MalformedFrame(f"snapshot item is not [lsn: u64, term: u64, data: bin]: {item!r:.60}")
+            raise MalformedFrame(
+                f"snapshot item is not [lsn: u64, term: u64, data: bin]: {item!r:.60}"
+            )
         lsn, term, data = item
         if lsn != self.next_lsn:
             raise MalformedFrame(
@@ -120,15 +127,12 @@ class SnapshotDecoder:
 
     def finish(self, snapshot_lsn: int) -> None:
         """The snapshot's bytes are all in: it must end after entry ``snapshot_lsn``."""
-        if self.bytes_fed != self._unpacker.tell():
+        if self.bytes_fed != self._boundary:
             raise MalformedFrame(
-                f"snapshot ends inside an entry ({self.bytes_fed - self._unpacker.tell()} "
-                "bytes of it)"
+                f"snapshot ends inside an entry ({self.bytes_fed - self._boundary} bytes of it)"
             )
         if self.last_lsn != snapshot_lsn:
-            raise MalformedFrame(
-                f"snapshot at LSN {snapshot_lsn} holds entries 1..{self.last_lsn}"
-            )
+            raise MalformedFrame(f"snapshot at LSN {snapshot_lsn} holds entries 1..{self.last_lsn}")
 
 
 def decode_snapshot(blob: bytes, snapshot_lsn: int | None = None) -> list[Entry]:

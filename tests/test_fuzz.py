@@ -1,4 +1,6 @@
-"""Fuzzing the frame decoder: 100,000+ generated inputs, only ``MalformedFrame``, bounded memory.
+"""Fuzzing the frame and snapshot decoders: only ``MalformedFrame``, bounded memory.
+
+The frame decoder gets 100,000+ generated inputs, the snapshot decoder 60,000+.
 
 A seeded ``random.Random`` drives a structured generator (hypothesis would
 spend most of the budget on its own bookkeeping at this count): random bytes,
@@ -49,6 +51,7 @@ from mirror_actors.protocol import (
     encode_frame,
     max_payload,
 )
+from mirror_actors.snapshot_format import SnapshotDecoder, encode_snapshot
 
 SEED = int(os.environ.get("FUZZ_SEED", "20240606"))
 INPUTS = 100_000
@@ -510,3 +513,173 @@ def test_a_broken_decoder_does_not_keep_the_decoded_payload_alive() -> None:
 
     _, retained = peak_while(feed)
     assert retained < 4 * MiB, f"{retained / MiB:.1f} MiB retained by a broken decoder"
+
+
+# --- the snapshot decoder ---------------------------------------------------------------
+#
+# The same approach for the snapshot byte format (PROTOCOL.md section 3): valid
+# snapshots (which must decode to their entries), random bytes, mutated valid
+# snapshots, items of the wrong shape, lying lengths, oversize entries, and
+# valid snapshots with garbage after them, each fed in arbitrary pieces and
+# finished.  Only ``MalformedFrame`` may escape.
+
+SNAPSHOT_INPUTS = 60_000
+
+
+def valid_snapshot_entries(r: random.Random) -> list[Entry]:
+    term = r.choice([0, 1, r.randint(0, 2**32), U64 - 50])
+    entries = []
+    for lsn in range(1, r.randint(0, 12) + 1):
+        term = min(U64, term + r.choice([0, 0, 1, r.randint(0, 5)]))
+        entries.append(Entry(lsn, term, r.randbytes(r.choice([0, r.randint(0, 40), 300]))))
+    return entries
+
+
+def snap_valid(r: random.Random) -> tuple[bytes, list[Entry] | None]:
+    entries = valid_snapshot_entries(r)
+    return encode_snapshot(entries), entries
+
+
+def snap_random(r: random.Random) -> tuple[bytes, list[Entry] | None]:
+    data, _ = gen_random_bytes(r)
+    if r.random() < 0.5:
+        data = b"\x93" + data  # looks like an entry at first
+    return data, None
+
+
+def snap_mutated(r: random.Random) -> tuple[bytes, list[Entry] | None]:
+    blob, _ = snap_valid(r)
+    return mutate(r, blob), None
+
+
+def snap_wrong_shape(r: random.Random) -> tuple[bytes, list[Entry] | None]:
+    # Plausible items: arrays of about three of anything, some of them right.
+    items: list[object] = []
+    for lsn in range(1, r.randint(1, 5) + 1):
+        if r.random() < 0.5:
+            items.append([lsn, r.randint(0, 3), r.randbytes(r.randint(0, 8))])
+        else:
+            items.append([random_value(r) for _ in range(r.choice([2, 3, 3, 4]))])
+    if r.random() < 0.2:
+        items = [list(items)]  # the old format: one outer array
+    try:
+        return b"".join(msgpack.packb(item, use_bin_type=True) for item in items), None
+    except (TypeError, ValueError, OverflowError):
+        return b"\x93\xc0\xc0\xc0", None
+
+
+def snap_lying(r: random.Random) -> tuple[bytes, list[Entry] | None]:
+    prefix = encode_snapshot(valid_snapshot_entries(r)) if r.random() < 0.5 else b""
+    declared = r.randint(MAX_PAYLOAD - 2, 2**32 - 1)
+    liar = r.choice(
+        [
+            b"\x93\x01\x01\xc6" + struct.pack(">I", declared),  # bin32 data
+            b"\xdd" + struct.pack(">I", declared),  # array32
+            b"\xdb" + struct.pack(">I", declared),  # str32
+            b"\xdf" + struct.pack(">I", declared),  # map32
+        ]
+    )
+    body = r.randbytes(r.randint(0, 64)) if r.random() < 0.9 else b"\x00" * (MAX_PAYLOAD + 10)
+    return prefix + liar + body, None
+
+
+def snap_trailing(r: random.Random) -> tuple[bytes, list[Entry] | None]:
+    blob, _ = snap_valid(r)
+    return blob + r.choice([b"\x93", b"\x93\x01", r.randbytes(r.randint(1, 6))]), None
+
+
+SNAPSHOT_GENERATORS: list[
+    tuple[Callable[[random.Random], tuple[bytes, list[Entry] | None]], int]
+] = [
+    (snap_valid, 20),
+    (snap_random, 20),
+    (snap_mutated, 30),
+    (snap_wrong_shape, 15),
+    (snap_lying, 5),
+    (snap_trailing, 10),
+]
+
+
+def decode_snapshot_pieces(pieces: list[bytes], where: str) -> list[Entry] | MalformedFrame:
+    decoder = SnapshotDecoder()
+    entries: list[Entry] = []
+    try:
+        for piece in pieces:
+            entries += decoder.feed(piece)
+        decoder.finish(decoder.last_lsn)
+    except MalformedFrame as error:
+        return error
+    except BaseException as error:
+        raise AssertionError(
+            f"{where}: {type(error).__name__} escaped the snapshot decoder: {error}"
+        ) from error
+    return entries
+
+
+def run_snapshot_fuzz(seed: int, count: int) -> Outcome:
+    r = random.Random(seed)
+    generators = [g for g, _ in SNAPSHOT_GENERATORS]
+    weights = [w for _, w in SNAPSHOT_GENERATORS]
+    outcome = Outcome()
+    for index in range(count):
+        generator = r.choices(generators, weights)[0]
+        data, expected = generator(r)
+        where = f"seed {seed} snapshot input {index} ({generator.__name__}, {len(data)} bytes)"
+        result = decode_snapshot_pieces(split(r, data), where)
+        if expected is not None:
+            assert result == expected, f"{where}: a valid snapshot decoded to {result!r:.200}"
+        if isinstance(result, MalformedFrame):
+            outcome.malformed += 1
+        else:
+            outcome.clean += 1
+            outcome.frames += len(result)
+            lsns = [e.lsn for e in result]
+            assert lsns == list(range(1, len(result) + 1)), f"{where}: LSNs {lsns}"
+            terms = [e.term for e in result]
+            assert terms == sorted(terms), f"{where}: terms {terms} go down"
+        name = generator.__name__
+        outcome.by_generator[name] = outcome.by_generator.get(name, 0) + 1
+    return outcome
+
+
+@pytest.mark.timeout(120)
+def test_snapshot_decoder_fuzz_raises_only_malformed_frame() -> None:
+    started = time.perf_counter()
+    outcome = run_snapshot_fuzz(SEED, SNAPSHOT_INPUTS)
+    elapsed = time.perf_counter() - started
+    print(
+        f"\nfuzzed the snapshot decoder with {SNAPSHOT_INPUTS} inputs in {elapsed:.1f} s "
+        f"(seed {SEED}): {outcome.malformed} malformed, {outcome.clean} clean, "
+        f"{outcome.frames} entries"
+    )
+    assert outcome.malformed + outcome.clean == SNAPSHOT_INPUTS
+    assert outcome.malformed > SNAPSHOT_INPUTS * 0.3 and outcome.clean > SNAPSHOT_INPUTS * 0.15
+    assert set(outcome.by_generator) == {g.__name__ for g, _ in SNAPSHOT_GENERATORS}
+    assert elapsed < 45, "the snapshot fuzz budget is meant to stay well under a minute"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_snapshot_decoder_fuzz_other_seeds(seed: int) -> None:
+    run_snapshot_fuzz(seed, 2_000)
+
+
+def test_snapshot_decoder_fuzz_under_tracemalloc_stays_bounded() -> None:
+    """3,000 inputs, lying lengths included, traced: a few MiB at most, nothing kept."""
+    peak, retained = peak_while(lambda: run_snapshot_fuzz(SEED + 2, 3_000))
+    assert peak < 16 * MiB, f"peak {peak / MiB:.1f} MiB"
+    assert retained < 1 * MiB, f"{retained / MiB:.1f} MiB retained after fuzzing"
+
+
+def test_snapshot_decoder_refuses_a_lying_length_fed_forever() -> None:
+    """An entry announcing 4 GiB of data, then data that keeps coming: refused early."""
+    piece = b"\x00" * (256 * 1024)
+
+    def feed() -> None:
+        decoder = SnapshotDecoder()
+        decoder.feed(b"\x93\x01\x01\xc6" + struct.pack(">I", 2**32 - 1))
+        with pytest.raises(MalformedFrame, match="larger than any frame"):
+            for _ in range(64):  # 16 MiB, if it kept taking it
+                decoder.feed(piece)
+
+    peak, _ = peak_while(feed)
+    assert peak < 2 * MAX_PAYLOAD + 2 * MiB, f"peak {peak / MiB:.1f} MiB"

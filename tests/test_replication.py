@@ -1,18 +1,26 @@
-"""The sans-I/O replication cursor: LSN ordering, snapshot reassembly, and a real source.
+"""The sans-I/O replication cursor: LSN and term ordering, snapshot transfers, a real source.
 
 Frames go into a ``ReplicationCursor`` the way a link hands them over; what
 comes out is committed into a ``MemoryReplicaStore`` and compared with the
-source's log entry by entry.
+source's log entry by entry.  Snapshot bytes go to a spool as they arrive
+(``MemorySpool`` here, a ``FileSpool`` in the memory-bound test) and are
+decoded from it again when the install is committed.
 """
 
 from __future__ import annotations
 
+import gc
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
 import msgpack
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.errors import MalformedFrame
+from mirror_actors.errors import ErrorCode, HistoryDiverged, MalformedFrame, SnapshotTooLarge
 from mirror_actors.protocol import (
     Ack,
     Entries,
@@ -32,10 +40,18 @@ from mirror_actors.replication import (
     InstallSnapshot,
     ReplicationCursor,
     ReplicationError,
+    ResetReplica,
     SnapshotAssembly,
 )
+from mirror_actors.snapshot_format import (
+    SnapshotDecoder,
+    crc32c,
+    encode_snapshot,
+    encode_snapshot_entry,
+)
+from mirror_actors.snapshot_spool import FileSpool, MemorySpool, SnapshotSpool
 from mirror_actors.source_session import SendData, SourceSession, SourceSettings
-from mirror_actors.store import DatabaseLog, SourceStore, crc32c, encode_snapshot
+from mirror_actors.store import DatabaseLog, SourceStore
 
 CLUSTER = "us-east"
 DB = "orders"
@@ -46,12 +62,30 @@ def entry(lsn: int, term: int = 1) -> Entry:
     return Entry(lsn, term, f"entry-{lsn}".encode())
 
 
-def entries(first: int, last: int) -> Entries:
-    return Entries([entry(lsn) for lsn in range(first, last + 1)])
+def entries(first: int, last: int, term: int = 1) -> Entries:
+    return Entries([entry(lsn, term) for lsn in range(first, last + 1)])
 
 
-def cursor(applied: int = 0) -> ReplicationCursor:
-    return ReplicationCursor(CLUSTER, DB, applied)
+def termed(first: int, *terms: int) -> Entries:
+    """ENTRIES from ``first`` on, one entry per term given."""
+    return Entries([entry(first + index, term) for index, term in enumerate(terms)])
+
+
+def cursor(
+    applied: int = 0,
+    term: int = 0,
+    *,
+    spool: SnapshotSpool | None = None,
+    max_snapshot_bytes: int | None = None,
+) -> ReplicationCursor:
+    return ReplicationCursor(
+        CLUSTER,
+        DB,
+        applied,
+        term,
+        spool=spool if spool is not None else MemorySpool(),
+        max_snapshot_bytes=max_snapshot_bytes,
+    )
 
 
 def chunks_of(
@@ -77,9 +111,45 @@ def chunks_of(
     return chunks
 
 
-def snapshot_chunks(upto: int, size: int = 16, **kwargs: object) -> list[SnapshotChunk]:
-    blob = encode_snapshot([entry(lsn) for lsn in range(1, upto + 1)])
+def snapshot_chunks(
+    upto: int, size: int = 16, terms: dict[int, int] | None = None, **kwargs: object
+) -> list[SnapshotChunk]:
+    """A snapshot of entries 1..``upto``, term 1 except where ``terms`` says otherwise."""
+    terms = terms or {}
+    blob = encode_snapshot([entry(lsn, terms.get(lsn, 1)) for lsn in range(1, upto + 1)])
     return chunks_of(blob, upto, size, **kwargs)  # type: ignore[arg-type]
+
+
+def installed(commit: Commit | None) -> list[Entry]:
+    """The entries an install would write (read back from its spool)."""
+    assert isinstance(commit, InstallSnapshot), commit
+    return list(commit.entries())
+
+
+class RecordingSpool(MemorySpool):
+    """A ``MemorySpool`` that remembers what the cursor asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.begun: list[int] = []
+
+    def begin(self, total_bytes: int) -> None:
+        self.calls.append("begin")
+        self.begun.append(total_bytes)
+        super().begin(total_bytes)
+
+    def write(self, data: bytes) -> None:
+        self.calls.append("write")
+        super().write(data)
+
+    def discard(self) -> None:
+        self.calls.append("discard")
+        super().discard()
+
+    @property
+    def held(self) -> bytes:
+        return b"".join(self.pieces())
 
 
 def with_(chunk: SnapshotChunk, **changes: object) -> SnapshotChunk:
@@ -207,7 +277,7 @@ def test_restart_after_partial_snapshot_drops_it() -> None:
 
 def test_unexpected_frame_on_a_replication_stream() -> None:
     with pytest.raises(ReplicationError, match="unexpected ACK"):
-        cursor().accept(Ack(1, 1))  # type: ignore[arg-type]
+        cursor().accept(Ack(1, 1))
 
 
 # --- snapshots --------------------------------------------------------------------------
@@ -222,7 +292,12 @@ def test_snapshot_reassembles_then_entries_follow() -> None:
     results = feed_all(cur, chunks)
     assert results[:-1] == [None] * (len(chunks) - 1)
     install = results[-1]
-    assert install == InstallSnapshot(10, blob, tuple(entry(lsn) for lsn in range(1, 11)))
+    assert isinstance(install, InstallSnapshot)
+    assert (install.snapshot_lsn, install.last_lsn, install.last_term) == (10, 10, 1)
+    assert install.total_bytes == len(blob)
+    assert installed(install) == [entry(lsn) for lsn in range(1, 11)]
+    # Equality ignores the spool: the snapshot is described by its LSN, term and size.
+    assert install == InstallSnapshot(10, 1, len(blob), MemorySpool())
     assert cur.accepted_lsn == 10 and cur.applied_lsn == 0
     # Entries from snapshot_lsn + 1, before the snapshot is even committed.
     with pytest.raises(ReplicationError, match="expected 11"):
@@ -244,8 +319,9 @@ def test_snapshot_in_one_chunk_and_over_held_entries() -> None:
     assert chunk.done and chunk.offset == 0
     install = cur.accept(chunk)
     assert isinstance(install, InstallSnapshot) and install.snapshot_lsn == 8
+    assert installed(install) == [entry(lsn) for lsn in range(1, 9)]
     cur.committed(install)
-    assert cur.applied_lsn == 8
+    assert (cur.applied_lsn, cur.applied_term) == (8, 1)
 
 
 def test_snapshot_bad_crc_names_both_values() -> None:
@@ -329,10 +405,12 @@ def test_chunk_naming_other_ids(change: dict[str, object]) -> None:
     with pytest.raises(ReplicationError, match="on the stream of us-east/orders"):
         cur.accept(with_(chunks[1], **change))
     # ...and the assembly on its own as another snapshot.
-    assembly = SnapshotAssembly.begin(chunks[0])
-    assert assembly.add(chunks[0]) is None
+    assembly = SnapshotAssembly.begin(chunks[0], SnapshotDecoder())
+    assembly.check(chunks[0])
+    assembly.add(chunks[0])
+    assert assembly.received == len(chunks[0].data)
     with pytest.raises(ReplicationError, match="describes another snapshot"):
-        assembly.add(with_(chunks[1], **change))
+        assembly.check(with_(chunks[1], **change))
 
 
 @pytest.mark.parametrize(
@@ -348,7 +426,7 @@ def test_snapshot_of_another_cluster_or_database(cluster: str, database: str) ->
 
 def test_snapshot_older_than_applied() -> None:
     (chunk,) = snapshot_chunks(10, size=10_000)
-    with pytest.raises(ReplicationError, match=r"LSN 10 is older than LSN 20"):
+    with pytest.raises(ReplicationError, match=r"LSN 10 is not above LSN 20"):
         cursor(applied=20).accept(chunk)
 
 
@@ -356,7 +434,7 @@ def test_snapshot_older_than_accepted_entries() -> None:
     cur = cursor()
     cur.accept(entries(1, 12))
     (chunk,) = snapshot_chunks(10, size=10_000)
-    with pytest.raises(ReplicationError, match=r"older than LSN 12"):
+    with pytest.raises(ReplicationError, match=r"not above LSN 12"):
         cur.accept(chunk)
 
 
@@ -367,6 +445,12 @@ def test_snapshot_older_than_accepted_entries() -> None:
         msgpack.packb({"not": "an array"}),
         msgpack.packb([[1, 1]]),
         msgpack.packb([[1, 1, "text, not bin"]]),
+        # The concatenated format with broken items...
+        msgpack.packb([1, 1]),
+        msgpack.packb([1, 1, "text, not bin"]),
+        msgpack.packb([1, -1, b"negative term"]),
+        # ...and the old one: every entry inside one outer array.
+        msgpack.packb([[1, 1, b"old format"]]),
     ],
 )
 def test_unreadable_snapshot_content(blob: bytes) -> None:
@@ -379,9 +463,24 @@ def test_snapshot_ending_at_another_lsn() -> None:
     blob = encode_snapshot([entry(lsn) for lsn in range(1, 6)])
     with pytest.raises(
         ReplicationError,
-        match=r"snapshot at LSN 7 must hold entries 1\.\.7 in order; it holds 5 entries from 1 to 5",
+        match=r"snapshot at LSN 7 must hold entries 1\.\.7 in order: .*holds entries 1\.\.5",
     ):
         feed_all(cursor(), chunks_of(blob, 7, 100))
+
+
+@pytest.mark.parametrize("snapshot_lsn", [4, 5])
+def test_snapshot_ending_inside_an_entry(snapshot_lsn: int) -> None:
+    """Entries 1..4 and any part of entry 5: size and CRC agree, and still it is refused.
+
+    (The decoder used to compare with ``Unpacker.tell()``, which also counts the
+    header bytes of an entry still waiting for its data: a cut after them passed.)
+    """
+    whole = encode_snapshot([entry(lsn) for lsn in range(1, 6)])
+    last = len(encode_snapshot_entry(entry(5)))
+    for cut in range(1, last):
+        blob = whole[:-cut]
+        with pytest.raises(ReplicationError, match="inside an entry"):
+            feed_all(cursor(), chunks_of(blob, snapshot_lsn, 7))
 
 
 @pytest.mark.parametrize(
@@ -412,6 +511,338 @@ def test_snapshot_while_tailing_overtakes_entries() -> None:
     cur.committed(install)
     assert cur.applied_lsn == 9
     assert isinstance(cur.accept(entries(10, 10)), ApplyEntries)
+
+
+# --- terms never decrease -----------------------------------------------------------------
+
+
+def test_terms_may_stay_or_rise_within_and_across_frames() -> None:
+    cur = cursor()
+    first = cur.accept(termed(1, 1, 1, 2, 5))
+    assert isinstance(first, ApplyEntries) and first.last_term == 5
+    assert cur.accepted_term == 5 and cur.applied_term == 0
+    assert isinstance(cur.accept(termed(5, 5, 6)), ApplyEntries)
+    assert cur.accepted_term == 6
+    cur.committed(first)
+    assert (cur.applied_lsn, cur.applied_term) == (4, 5)
+
+
+@pytest.mark.parametrize(
+    ("frames", "bad_lsn", "words"),
+    [
+        ([termed(1, 1, 2, 1)], 3, "1 after 2"),
+        ([termed(1, 0, 7, 7, 6)], 4, "6 after 7"),
+        ([termed(1, 2, 3), termed(3, 2)], 3, "2 after 3"),
+        ([termed(1, 2**64 - 1), termed(2, 2**64 - 2)], 2, f"{2**64 - 2} after {2**64 - 1}"),
+    ],
+    ids=["in-a-frame", "later-in-a-frame", "across-frames", "u64-max"],
+)
+def test_a_term_going_down_is_malformed(frames: list[Entries], bad_lsn: int, words: str) -> None:
+    cur = cursor()
+    for frame in frames[:-1]:
+        assert isinstance(cur.accept(frame), ApplyEntries)
+    before = (cur.accepted_lsn, cur.accepted_term)
+    with pytest.raises(ReplicationError) as raised:
+        cur.accept(frames[-1])
+    assert not isinstance(raised.value, HistoryDiverged)
+    assert raised.value.code is ErrorCode.MALFORMED and raised.value.hard is False
+    assert f"term goes down at LSN {bad_lsn}: {words}" in str(raised.value)
+    # The whole frame is refused: nothing of it was accepted.
+    assert (cur.accepted_lsn, cur.accepted_term) == before
+
+
+@pytest.mark.parametrize(("term", "ok"), [(3, True), (4, True), (2, False), (0, False)])
+def test_entries_after_a_snapshot_keep_its_last_term(term: int, ok: bool) -> None:
+    cur = cursor()
+    install = feed_all(cur, snapshot_chunks(6, size=9, terms={5: 2, 6: 3}))[-1]
+    assert isinstance(install, InstallSnapshot) and install.last_term == 3
+    assert cur.accepted_term == 3
+    if ok:
+        assert isinstance(cur.accept(termed(7, term)), ApplyEntries)
+    else:
+        # The snapshot is not what this replica held: a plain MALFORMED, not a divergence.
+        with pytest.raises(ReplicationError, match=rf"LSN 7: {term} after 3"):
+            cur.accept(termed(7, term))
+
+
+def test_a_term_going_down_inside_a_snapshot_is_malformed() -> None:
+    cur = cursor()
+    chunks = snapshot_chunks(6, size=5, terms={1: 2, 2: 2, 3: 1})
+    with pytest.raises(ReplicationError, match=r"unreadable.*term goes down at LSN 3: 1 after 2"):
+        feed_all(cur, chunks)
+    # Refused while it streamed past, long before its last chunk.
+    assert cur.accepted_lsn == 0
+
+
+# --- a history that is not the source's ------------------------------------------------------
+
+
+@pytest.mark.parametrize("term", [3, 4, 2**64 - 1])
+def test_the_entry_after_the_held_one_may_keep_or_raise_its_term(term: int) -> None:
+    cur = cursor(applied=5, term=3)
+    commit = cur.accept(termed(6, term, term))
+    assert isinstance(commit, ApplyEntries)
+    cur.committed(commit)
+    assert (cur.applied_lsn, cur.applied_term) == (7, term)
+
+
+@pytest.mark.parametrize("term", [2, 0])
+def test_the_entry_after_the_held_one_with_a_lower_term_diverges(term: int) -> None:
+    cur = cursor(applied=5, term=3)
+    with pytest.raises(HistoryDiverged) as raised:
+        cur.accept(termed(6, term, 9))
+    error = raised.value
+    assert error.hard is True and error.code is ErrorCode.DIVERGED
+    assert not isinstance(error, ReplicationError)
+    assert (error.lsn, error.mirror_term) == (5, 3)
+    assert "entry 6 has term" in str(error) and "on_divergence" in str(error)
+    assert (cur.applied_lsn, cur.accepted_lsn, cur.accepted_term) == (5, 5, 3)
+
+
+def test_a_lower_term_further_into_the_first_frame_is_only_malformed() -> None:
+    cur = cursor(applied=5, term=3)
+    with pytest.raises(ReplicationError, match=r"LSN 7: 2 after 3") as raised:
+        cur.accept(termed(6, 3, 2))
+    assert not isinstance(raised.value, HistoryDiverged)
+
+
+def test_divergence_is_judged_against_what_the_subscription_started_from() -> None:
+    cur = cursor(applied=5, term=3)
+    commit = cur.accept(termed(6, 4, 4))
+    assert commit is not None
+    cur.committed(commit)
+    # Same subscription: entry 8 follows entries this stream itself sent.
+    with pytest.raises(ReplicationError, match=r"LSN 8: 3 after 4") as raised:
+        cur.accept(termed(8, 3))
+    assert not isinstance(raised.value, HistoryDiverged)
+    # A new subscription starts from the store's entry 7 (term 4): now it is a divergence.
+    cur.restart()
+    with pytest.raises(HistoryDiverged) as diverged:
+        cur.accept(termed(8, 3))
+    assert (diverged.value.lsn, diverged.value.mirror_term) == (7, 4)
+
+
+def test_an_unknown_held_term_checks_nothing() -> None:
+    cur = cursor(applied=5, term=0)
+    assert isinstance(cur.accept(termed(6, 1)), ApplyEntries)
+    install = feed_all(
+        cursor(applied=5, term=0), snapshot_chunks(8, terms={5: 9, 6: 9, 7: 9, 8: 9})
+    )
+    assert isinstance(install[-1], InstallSnapshot)
+
+
+@pytest.mark.parametrize("term", [1, 2, 2**64 - 1])
+def test_a_snapshot_agreeing_at_the_held_entry_installs(term: int) -> None:
+    cur = cursor(applied=5, term=term)
+    terms = {lsn: 1 if lsn < 5 else term for lsn in range(1, 9)}
+    install = feed_all(cur, snapshot_chunks(8, size=6, terms=terms))[-1]
+    assert isinstance(install, InstallSnapshot) and installed(install)[4].term == term
+
+
+@pytest.mark.parametrize("source_term", [1, 3])
+def test_a_snapshot_with_another_term_at_the_held_entry_diverges(source_term: int) -> None:
+    spool = RecordingSpool()
+    cur = cursor(applied=5, term=2, spool=spool)
+    terms = {lsn: min(source_term, 1) if lsn < 5 else source_term for lsn in range(1, 21)}
+    chunks = snapshot_chunks(20, size=6, terms=terms)
+    with pytest.raises(HistoryDiverged) as raised:
+        feed_all(cur, chunks)
+    error = raised.value
+    assert (error.lsn, error.mirror_term, error.source_term) == (5, 2, source_term)
+    assert error.hard and "snapshot has term" in str(error)
+    # Refused at the chunk that completed entry 5, well before the end.
+    assert len(spool.held) < chunks[-1].offset
+    assert cur.accepted_lsn == 5
+    # A resync starts over: the half transfer is dropped with its spool.
+    cur.reset()
+    assert spool.calls[-1] == "discard" and spool.held == b""
+
+
+def test_a_snapshot_is_checked_against_the_committed_entry_not_the_accepted_ones() -> None:
+    cur = cursor(applied=2, term=1)
+    commit = cur.accept(termed(3, 1, 2))
+    assert commit is not None
+    cur.committed(commit)  # holds 1..4 now, entry 4 of term 2
+    good = feed_all(cur, snapshot_chunks(6, terms={4: 2, 5: 2, 6: 2}))[-1]
+    assert isinstance(good, InstallSnapshot)
+    cur.restart()
+    with pytest.raises(HistoryDiverged, match="term 1 at LSN 4"):
+        feed_all(cur, snapshot_chunks(6))
+
+
+# --- snapshot transfers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("snapshot_lsn", "ok"), [(9, False), (10, False), (11, True)])
+def test_a_snapshot_must_be_above_what_was_applied(snapshot_lsn: int, ok: bool) -> None:
+    cur = cursor(applied=10, term=1)
+    chunks = snapshot_chunks(snapshot_lsn, size=10_000)
+    if ok:
+        install = feed_all(cur, chunks)[-1]
+        assert isinstance(install, InstallSnapshot) and install.snapshot_lsn == 11
+    else:
+        with pytest.raises(ReplicationError, match=rf"LSN {snapshot_lsn} is not above LSN 10"):
+            cur.accept(chunks[0])
+
+
+@pytest.mark.parametrize(("snapshot_lsn", "ok"), [(12, False), (13, True)])
+def test_a_snapshot_must_be_above_what_was_accepted(snapshot_lsn: int, ok: bool) -> None:
+    cur = cursor()
+    assert cur.accept(entries(1, 12)) is not None  # accepted, not committed
+    chunks = snapshot_chunks(snapshot_lsn, size=10_000)
+    if ok:
+        assert isinstance(feed_all(cur, chunks)[-1], InstallSnapshot)
+    else:
+        with pytest.raises(ReplicationError, match="not above LSN 12"):
+            cur.accept(chunks[0])
+
+
+def test_chunks_of_a_transfer_that_ended_are_malformed() -> None:
+    chunks = snapshot_chunks(10, size=8)
+    cur = cursor()
+    install = feed_all(cur, chunks)[-1]
+    assert isinstance(install, InstallSnapshot)
+    for late in (chunks[1], chunks[-2], chunks[-1]):
+        with pytest.raises(ReplicationError, match="whose transfer already ended"):
+            cur.accept(late)
+    with pytest.raises(ReplicationError, match="not above LSN 10"):
+        cur.accept(chunks[0])
+    # Still the same state: the install commits and the stream goes on.
+    cur.committed(install)
+    assert isinstance(cur.accept(entries(11, 11)), ApplyEntries)
+    with pytest.raises(ReplicationError, match="whose transfer already ended"):
+        cur.accept(chunks[-1])
+    # A new subscription forgets the old transfer; its chunk is then just out of place.
+    cur.restart()  # back to the committed LSN 10 (entry 11 was never committed)
+    with pytest.raises(ReplicationError, match="not above LSN 10"):
+        cur.accept(chunks[-1])
+
+
+def test_a_newer_transfer_after_one_ended_is_accepted() -> None:
+    cur = cursor()
+    first = feed_all(cur, snapshot_chunks(4, size=8))[-1]
+    assert first is not None
+    cur.committed(first)
+    second = feed_all(cur, snapshot_chunks(9, size=8))
+    assert second[:-1] == [None] * (len(second) - 1)
+    assert installed(second[-1]) == [entry(lsn) for lsn in range(1, 10)]
+
+
+def test_a_transfer_beginning_before_the_last_install_is_committed_is_refused() -> None:
+    """The install still reads the spool: the next transfer would overwrite it."""
+    spool = RecordingSpool()
+    cur = cursor(spool=spool)
+    first = feed_all(cur, snapshot_chunks(4, size=8))[-1]
+    assert isinstance(first, InstallSnapshot)
+    later = snapshot_chunks(9, size=8)
+    with pytest.raises(ReplicationError, match=r"LSN 9 began before the one at LSN 4"):
+        cur.accept(later[0])
+    assert spool.begun == [first.total_bytes]  # the spool was left alone...
+    store = MemoryReplicaStore()
+    store.commit([first])  # ...so what came before still commits
+    cur.committed(first)
+    assert store.entries() == [entry(lsn) for lsn in range(1, 5)]
+    install = feed_all(cur, later)[-1]
+    assert installed(install) == [entry(lsn) for lsn in range(1, 10)]
+
+
+def test_a_restart_forgets_an_uncommitted_install() -> None:
+    cur = cursor()
+    assert isinstance(feed_all(cur, snapshot_chunks(4, size=8))[-1], InstallSnapshot)
+    cur.restart()  # the connection died before the commit
+    assert cur.accepted_lsn == 0
+    assert isinstance(feed_all(cur, snapshot_chunks(4, size=8))[-1], InstallSnapshot)
+
+
+@pytest.mark.parametrize(("slack", "ok"), [(0, True), (1, True), (-1, False)])
+def test_max_snapshot_bytes(slack: int, ok: bool) -> None:
+    chunks = snapshot_chunks(10, size=8)
+    total = chunks[0].total_bytes
+    spool = RecordingSpool()
+    cur = cursor(spool=spool, max_snapshot_bytes=total + slack)
+    if ok:
+        assert isinstance(feed_all(cur, chunks)[-1], InstallSnapshot)
+        return
+    with pytest.raises(SnapshotTooLarge) as raised:
+        cur.accept(chunks[0])
+    error = raised.value
+    assert error.hard is True
+    assert (error.total_bytes, error.limit) == (total, total - 1)
+    assert "max_snapshot_bytes" in str(error)
+    # Refused from the announcement alone: nothing was spooled.
+    assert spool.calls == []
+    assert cur.accepted_lsn == 0
+
+
+def test_snapshot_bytes_are_spooled_as_they_arrive() -> None:
+    blob = encode_snapshot([entry(lsn) for lsn in range(1, 11)])
+    chunks = chunks_of(blob, 10, 7)
+    spool = RecordingSpool()
+    cur = cursor(spool=spool)
+    for index, chunk in enumerate(chunks[:-1]):
+        assert cur.accept(chunk) is None
+        assert spool.held == blob[: (index + 1) * 7]
+    install = cur.accept(chunks[-1])
+    assert spool.calls == ["begin"] + ["write"] * len(chunks)
+    assert spool.begun == [len(blob)] and spool.held == blob
+    assert isinstance(install, InstallSnapshot) and install.spool is spool
+    # Read back as often as asked (a commit that failed is retried from it)...
+    assert installed(install) == installed(install) == [entry(lsn) for lsn in range(1, 11)]
+    # ...and dropped once it is committed.
+    cur.committed(install)
+    assert spool.calls[-1] == "discard" and spool.held == b""
+
+
+def test_a_restart_in_the_middle_of_a_transfer_discards_its_spool() -> None:
+    spool = RecordingSpool()
+    cur = cursor(spool=spool)
+    chunks = snapshot_chunks(10, size=8)
+    cur.accept(chunks[0])
+    cur.accept(chunks[1])
+    cur.restart()
+    assert spool.calls == ["begin", "write", "write", "discard"] and spool.held == b""
+    cur.restart()  # nothing in flight: nothing to discard
+    assert spool.calls.count("discard") == 1
+
+
+# --- commits ----------------------------------------------------------------------------------
+
+
+def test_commit_kinds_report_their_last_lsn_and_term() -> None:
+    apply = ApplyEntries(termed(4, 2, 7).entries)
+    assert (apply.last_lsn, apply.last_term) == (5, 7)
+    reset = ResetReplica()
+    assert (reset.last_lsn, reset.last_term) == (0, 0)
+    assert reset == ResetReplica()
+    install = InstallSnapshot(9, 3, 100, MemorySpool())
+    assert (install.last_lsn, install.last_term) == (9, 3)
+
+
+def test_reset_starts_over_from_nothing() -> None:
+    spool = RecordingSpool()
+    cur = cursor(applied=5, term=3, spool=spool)
+    cur.accept(snapshot_chunks(9, size=8, terms={lsn: 3 for lsn in range(1, 10)})[0])
+    cur.reset()
+    assert (cur.applied_lsn, cur.applied_term, cur.accepted_lsn, cur.accepted_term) == (0, 0, 0, 0)
+    assert cur.subscribe_from == 1 and cur.highest_seen_lsn == 0
+    assert spool.calls[-1] == "discard"
+    # The new history starts at 1, with terms below the old ones: no divergence now.
+    commit = cur.accept(termed(1, 1, 1, 2))
+    assert isinstance(commit, ApplyEntries)
+    store = MemoryReplicaStore()
+    store.commit([ApplyEntries(termed(1, 3, 3, 3, 3, 3).entries)])
+    store.commit([ResetReplica(), commit])
+    for done in (ResetReplica(), commit):
+        cur.committed(done)
+    assert store.entries() == list(termed(1, 1, 1, 2).entries)
+    assert (cur.applied_lsn, cur.applied_term) == (3, 2)
+    assert store.last_applied_term() == 2
+
+
+def test_a_committed_reset_leaves_the_cursor_at_nothing() -> None:
+    cur = cursor(applied=5, term=3)
+    cur.committed(ResetReplica())
+    assert (cur.applied_lsn, cur.applied_term) == (0, 0)
 
 
 # --- properties -------------------------------------------------------------------------
@@ -477,11 +908,13 @@ def test_snapshot_reassembles_under_any_chunking(count: int, sizes: list[int]) -
             SnapshotChunk(CLUSTER, DB, count, len(blob), crc32c(blob), offset, data, done)
         )
         offset += len(data)
-    results = feed_all(cursor(), chunks)
+    spool = RecordingSpool()
+    results = feed_all(cursor(spool=spool), chunks)
     assert results[:-1] == [None] * (len(chunks) - 1)
-    assert results[-1] == InstallSnapshot(
-        count, blob, tuple(entry(lsn) for lsn in range(1, count + 1))
-    )
+    assert results[-1] == InstallSnapshot(count, 1, len(blob), spool)
+    assert installed(results[-1]) == [entry(lsn) for lsn in range(1, count + 1)]
+    # Spooled as it came, once, whole.
+    assert spool.begun == [len(blob)] and spool.held == blob
 
 
 class _Mirror:
@@ -498,7 +931,7 @@ class _Mirror:
         self.frames: list[Frame] = []
         self.paused_seen = False
 
-    def absorb(self, actions: list[object]) -> None:
+    def absorb(self, actions: Sequence[object]) -> None:
         for action in actions:
             assert isinstance(action, SendData), action
             assert action.stream_id == STREAM and not action.end_stream
@@ -513,6 +946,14 @@ class _Mirror:
         for frame in self.decoder.feed(data):
             self.frames.append(frame)
             self.unacked += len(encode_frame(frame)) - 5
+            if (
+                isinstance(frame, SnapshotChunk)
+                and frame.offset == 0
+                and any(isinstance(c, InstallSnapshot) for c in self.pending)
+            ):
+                # The cursor's contract: an install reads its spool, so it is
+                # committed before the next transfer begins (and reuses the spool).
+                self.commit()
             commit = self.cursor.accept(frame)
             if commit is not None:
                 self.pending.append(commit)
@@ -587,7 +1028,8 @@ def test_a_real_source_replicates_exactly_once_in_order(
     def append(count: int) -> None:
         for _ in range(count):
             size = data.draw(st.integers(0, 40), label="entry size")
-            term = data.draw(st.integers(1, 3), label="term")
+            # Terms never decrease (the source refuses it); they may stay or rise.
+            term = max(1, log.last_term) + data.draw(st.integers(0, 1), label="term step")
             log.append(bytes([log.last_lsn % 251]) * size, term=term)
 
     append(preload)
@@ -602,12 +1044,18 @@ def test_a_real_source_replicates_exactly_once_in_order(
         batch_max_entries=batch_entries,
     )
     session = SourceSession(CLUSTER, store, settings_)
-    mirror = _Mirror(session, ReplicationCursor(CLUSTER, DB, holds))
+    held_term = log.entries()[holds - 1].term if holds else 0
+    # The cursor knows the held entry's term, so every snapshot and the first
+    # entry after it are checked against it: a real source never diverges.
+    mirror = _Mirror(session, ReplicationCursor(CLUSTER, DB, holds, held_term))
     if holds:
         mirror.store.commit([ApplyEntries(tuple(log.entries()[:holds]))])
     assert mirror.store.last_applied_lsn() == holds
+    assert mirror.store.last_applied_term() == held_term
 
-    (handshake,) = session.stream_data(0, encode_frame(Hello(CLUSTER, DB, holds, 1)), True)
+    (handshake,) = session.stream_data(
+        0, encode_frame(Hello(CLUSTER, DB, holds, 1, held_term)), True
+    )
     assert isinstance(handshake, SendData)
     (ack,) = FrameDecoder().feed(handshake.data)
     assert isinstance(ack, HelloAck) and ack.accepted
@@ -639,6 +1087,7 @@ def test_a_real_source_replicates_exactly_once_in_order(
     assert [e.lsn for e in got] == list(range(1, log.last_lsn + 1))
     assert entries_digest(got) == entries_digest(expected)
     assert mirror.store.last_applied_lsn() == log.last_lsn == mirror.cursor.applied_lsn
+    assert mirror.store.last_applied_term() == log.last_term == mirror.cursor.applied_term
     assert not session.closing
 
 
@@ -676,5 +1125,278 @@ def test_one_corrupted_snapshot_byte_is_detected(
     data = bytearray(victim.data)
     data[position] ^= flip
     chunks[index] = with_(victim, data=bytes(data))
-    with pytest.raises(ReplicationError, match="CRC-32C mismatch"):
+    # Content is decoded as it streams past, so a byte that breaks it is refused
+    # at once; one that leaves it decodable is caught by the CRC at the end.
+    with pytest.raises(ReplicationError, match=r"CRC-32C mismatch|unreadable") as raised:
         feed_all(cursor(), chunks)
+    event("CRC" if "CRC-32C" in str(raised.value) else "content")
+
+
+# --- any valid stream, any term decrease --------------------------------------------------
+
+U64_MAX = 2**64 - 1
+
+
+@st.composite
+def source_logs(draw: st.DrawFn) -> list[Entry]:
+    """A source's log 1..N: terms never decrease (they stay, or step up), any data."""
+    count = draw(st.integers(1, 30), label="entries")
+    term = draw(st.sampled_from([1, 1, 2, 7, 2**63 - 2, U64_MAX - 70]), label="first term")
+    log = []
+    for lsn in range(1, count + 1):
+        term = min(U64_MAX, term + draw(st.sampled_from([0, 0, 0, 1, 2])))
+        log.append(Entry(lsn, term, draw(st.binary(max_size=20))))
+    return log
+
+
+Segment = tuple[str, int, int]  # ("snapshot", 1, upto) or ("entries", first, last)
+
+
+@st.composite
+def stream_plans(draw: st.DrawFn, log_size: int) -> tuple[int, list[Segment]]:
+    """What the mirror holds, and what one subscription sends: snapshots and entries, in order."""
+    snapshot_lsn = draw(st.integers(0, log_size), label="snapshot")  # 0: none
+    held = draw(st.integers(0, snapshot_lsn - 1 if snapshot_lsn else log_size), label="held")
+    segments: list[Segment] = []
+    position = held
+    if snapshot_lsn:
+        segments.append(("snapshot", 1, snapshot_lsn))
+        position = snapshot_lsn
+    if position < log_size and draw(st.booleans(), label="overtaken"):
+        # A compaction overtook the subscriber: a newer snapshot on the same stream.
+        tail = draw(st.integers(position, log_size - 1), label="entries before it")
+        if tail > position:
+            segments.append(("entries", position + 1, tail))
+        upto = draw(st.integers(tail + 1, log_size), label="second snapshot")
+        segments.append(("snapshot", 1, upto))
+        position = upto
+    if position < log_size:
+        segments.append(("entries", position + 1, log_size))
+    return held, segments
+
+
+def frames_of(log: list[Entry], segments: list[Segment], data: st.DataObject) -> list[Frame]:
+    frames: list[Frame] = []
+    for kind, first, last in segments:
+        if kind == "snapshot":
+            blob = encode_snapshot(log[:last])
+            size = data.draw(st.integers(1, max(1, len(blob))), label="chunk size")
+            frames += chunks_of(blob, last, size)
+        elif kind == "entries":
+            lsn = first
+            while lsn <= last:
+                count = data.draw(st.integers(1, 5), label="entries per frame")
+                frames.append(Entries(log[lsn - 1 : min(last, lsn + count - 1)]))
+                lsn += count
+    return frames
+
+
+class _Replica:
+    """What ``MirrorDatabase`` does with deliveries, sans actors: accept, commit, repeat."""
+
+    def __init__(self, holds: list[Entry]) -> None:
+        self.store = MemoryReplicaStore()
+        held = len(holds)
+        if held:
+            self.store.commit([ApplyEntries(tuple(holds))])
+        self.cursor = cursor(held, self.store.last_applied_term())
+        self.pending: list[Commit] = []
+
+    def deliver(self, frames: list[Frame], commit_now: bool) -> None:
+        try:
+            for frame in frames:
+                if (
+                    isinstance(frame, SnapshotChunk)
+                    and frame.offset == 0
+                    and any(isinstance(c, InstallSnapshot) for c in self.pending)
+                ):
+                    self.commit()
+                commit = self.cursor.accept(frame)
+                if commit is not None:
+                    self.pending.append(commit)
+        except (ReplicationError, HistoryDiverged):
+            self.commit()  # what came before the bad frame is good
+            raise
+        if commit_now:
+            self.commit()
+
+    def commit(self) -> None:
+        self.store.commit(self.pending)
+        for done in self.pending:
+            self.cursor.committed(done)
+        self.pending.clear()
+
+
+def run_stream(replica: _Replica, frames: list[Frame], data: st.DataObject) -> None:
+    """The frames' bytes on the wire, cut anywhere, decoded and delivered piece by piece."""
+    wire = b"".join(encode_frame(frame) for frame in frames)
+    decoder = FrameDecoder()
+    position = 0
+    while position < len(wire):
+        step = data.draw(st.integers(1, max(1, len(wire) - position)), label="bytes delivered")
+        piece, position = wire[position : position + step], position + step
+        replica.deliver(decoder.feed(piece), data.draw(st.booleans(), label="commit"))
+    replica.commit()
+
+
+@settings(max_examples=150, deadline=None)
+@given(log=source_logs(), data=st.data())
+def test_any_valid_stream_split_anywhere_replicates_exactly(
+    log: list[Entry], data: st.DataObject
+) -> None:
+    held, segments = data.draw(stream_plans(len(log)), label="plan")
+    replica = _Replica(log[:held])
+    frames = frames_of(log, segments, data)
+    event(f"snapshots: {sum(1 for s in segments if s[0] == 'snapshot')}")
+    run_stream(replica, frames, data)
+    assert replica.store.entries() == log
+    assert replica.store.last_applied_lsn() == len(log) == replica.cursor.applied_lsn
+    assert replica.store.last_applied_term() == log[-1].term == replica.cursor.applied_term
+
+
+@settings(max_examples=150, deadline=None)
+@given(log=source_logs(), data=st.data())
+def test_any_single_term_decrease_is_refused(log: list[Entry], data: st.DataObject) -> None:
+    held, segments = data.draw(stream_plans(len(log)), label="plan")
+    # LSNs this stream sends (in a snapshot or ENTRIES) whose predecessor has a term > 0.
+    sent = sorted({lsn for _, first, last in segments for lsn in range(first, last + 1)})
+    candidates = [lsn for lsn in sent if lsn >= 2 and log[lsn - 2].term > 0]
+    assume(candidates)
+    bad = data.draw(st.sampled_from(candidates), label="lsn whose term goes down")
+    lowered = data.draw(st.integers(0, log[bad - 2].term - 1), label="its term")
+    source = [*log[: bad - 1], Entry(bad, lowered, log[bad - 1].data), *log[bad:]]
+
+    # The first segment to carry the lowered entry decides what the rule calls it.
+    where = next(i for i, s in enumerate(segments) if s[1] <= bad <= s[2])
+    kind, first, _ = segments[where]
+    reached = max(held, segments[where - 1][2]) if where else held
+    diverges = kind == "entries" and first == bad == held + 1 and segments[0][0] == "entries"
+    expected: type[Exception] = HistoryDiverged if diverges else ReplicationError
+    event(f"{kind}: {expected.__name__}")
+
+    replica = _Replica(log[:held])  # it holds the unchanged prefix
+    with pytest.raises((ReplicationError, HistoryDiverged)) as raised:
+        run_stream(replica, frames_of(source, segments, data), data)
+    assert type(raised.value) is expected, raised.value
+    if isinstance(raised.value, HistoryDiverged):
+        assert (raised.value.lsn, raised.value.mirror_term) == (held, log[held - 1].term)
+    # Everything before the segment that carries it was applied; the lowered entry
+    # never was: the store is a prefix of the unchanged log.
+    got = replica.store.entries()
+    assert got == log[: len(got)]
+    assert reached <= len(got) <= (max(reached, bad - 1) if kind == "entries" else reached)
+
+
+# --- memory -------------------------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def _rss() -> int:
+    """Resident memory now, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux 4.0+); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+SNAPSHOT_MB = 300
+BIG_ENTRY = 64 * 1024
+BIG_CHUNK = (1 << 20) - 512  # what a source sends at most per SNAPSHOT_CHUNK
+
+
+def _big_entries() -> Iterator[bytes]:
+    """The snapshot's entries, encoded one at a time: ~64 KiB of data each, terms rising."""
+    count = SNAPSHOT_MB * MiB // (BIG_ENTRY + 16)
+    for lsn in range(1, count + 1):
+        data = lsn.to_bytes(8, "big") * (BIG_ENTRY // 8)
+        yield encode_snapshot_entry(Entry(lsn, 1 + lsn // 1000, data))
+
+
+def _big_chunks(total: int, crc: int, snapshot_lsn: int) -> Iterator[SnapshotChunk]:
+    pending = bytearray()
+    offset = 0
+    for encoded in _big_entries():
+        pending += encoded
+        while len(pending) >= BIG_CHUNK:
+            data = bytes(pending[:BIG_CHUNK])
+            del pending[:BIG_CHUNK]
+            done = offset + len(data) == total
+            yield SnapshotChunk(CLUSTER, DB, snapshot_lsn, total, crc, offset, data, done)
+            offset += len(data)
+    if pending or offset < total:
+        yield SnapshotChunk(CLUSTER, DB, snapshot_lsn, total, crc, offset, bytes(pending), True)
+
+
+@pytest.mark.timeout(60)
+def test_a_300_mb_snapshot_streams_through_a_file_spool_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    started = time.perf_counter()
+    # The announcement needs the size and CRC up front: one pass computes them,
+    # holding one entry at a time, as a source reading its snapshot file would.
+    total = crc = snapshot_lsn = 0
+    for encoded in _big_entries():
+        total += len(encoded)
+        crc = crc32c(encoded, crc)
+        snapshot_lsn += 1
+    assert total > SNAPSHOT_MB * MiB * 0.99
+
+    spool = FileSpool(tmp_path / "replica.db.snapshot-spool")
+    cur = cursor(spool=spool)
+    gc.collect()
+    baseline = _rss()
+    peak_reset = _reset_peak_rss()
+    high = baseline
+    install: Commit | None = None
+    chunks = 0
+    for chunk in _big_chunks(total, crc, snapshot_lsn):
+        install = cur.accept(chunk)
+        chunks += 1
+        if chunks % 16 == 0:
+            high = max(high, _rss())
+    assert isinstance(install, InstallSnapshot)
+    assert (install.snapshot_lsn, install.total_bytes) == (snapshot_lsn, total)
+    assert spool.path is not None and spool.path.stat().st_size == total
+
+    # Reading it back for the install streams from the file too.
+    count = 0
+    for index, item in enumerate(install.entries(), start=1):
+        assert item.lsn == index
+        count += 1
+        if index % 256 == 0:
+            high = max(high, _rss())
+    assert count == snapshot_lsn
+    high = max(high, _rss())
+    if peak_reset:
+        high = max(high, _peak_rss())
+    grown = high - baseline
+    elapsed = time.perf_counter() - started
+    print(
+        f"\n{total / MiB:.0f} MiB snapshot in {chunks} chunks: RSS grew {grown / MiB:.1f} MiB, "
+        f"{elapsed:.1f} s"
+    )
+    assert grown < 100 * MiB, f"RSS grew {grown / MiB:.1f} MiB for a {total / MiB:.0f} MiB snapshot"
+
+    cur.committed(install)  # as after the store's commit: the spool goes
+    assert spool.path is None
+    assert list(tmp_path.iterdir()) == []
