@@ -119,7 +119,13 @@ class _FieldFrame:
     OPTIONAL_FIELDS: ClassVar[tuple[tuple[str, str, object], ...]] = ()
 
     def to_payload(self) -> dict[str, Any]:
-        declared = self.FIELDS + tuple((name, kind) for name, kind, _ in self.OPTIONAL_FIELDS)
+        # An optional field at its default is left out: a HELLO of a mirror that
+        # holds nothing stays byte for byte NodeDB's (and section 6's example).
+        declared = self.FIELDS + tuple(
+            (name, kind)
+            for name, kind, default in self.OPTIONAL_FIELDS
+            if getattr(self, name) != default
+        )
         payload = {name: getattr(self, name) for name, _ in declared}
         for name, kind in declared:
             value = payload[name]

@@ -3,6 +3,11 @@
 ``SourceServer`` runs its own asyncio loop on a thread so synchronous code and
 tests can drive it.  Every aioquic object lives on that thread; other threads
 reach it only through ``call_soon_threadsafe``/``run_coroutine_threadsafe``.
+
+Mutual TLS fails closed: every certificate file is loaded and checked at
+``start()`` (``SourceConfigError`` names the file and the setting), no stream
+data reaches a session before the handshake completed and the client
+certificate verified, and any failure while verifying refuses the connection.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import ssl
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -21,9 +27,17 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicFrameType
-from aioquic.tls import AlertBadCertificate, AlertCertificateExpired, verify_certificate
+from aioquic.tls import (
+    AlertBadCertificate,
+    AlertCertificateExpired,
+    load_pem_private_key,
+    load_pem_x509_certificates,
+    verify_certificate,
+)
 from attrs import frozen
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from loguru import logger
+from OpenSSL import crypto
 
 from .errors import CRYPTO_ERROR_BASE
 from .loop_thread import LoopThread
@@ -34,6 +48,7 @@ from .source_session import (
     CloseConnection,
     ResetStream,
     SendData,
+    SourceLimits,
     SourceSession,
     SourceSettings,
 )
@@ -41,10 +56,34 @@ from .store import SourceStore
 
 ALERT_BAD_CERTIFICATE = 42
 ALERT_CERTIFICATE_EXPIRED = 45
+ALERT_INTERNAL_ERROR = 80
 ALERT_CERTIFICATE_REQUIRED = 116
 # How long a rejection or error reply may wait for delivery before the close goes out anyway.
 CLOSE_LINGER_SECONDS = 1.0
 STOP_TIMEOUT_SECONDS = 5.0
+# Stream data a peer may send before its handshake completes (held, never acted on).
+MAX_HELD_BYTES = 64 * 1024
+
+
+class SourceConfigError(ValueError):
+    """A source setting that cannot work, found at ``start()``: names the setting and the file."""
+
+    def __init__(self, setting: str, path: str, problem: str, hint: str = "") -> None:
+        self.setting = setting
+        self.path = path
+        self.problem = problem
+        super().__init__(
+            f"cannot load {setting} {path!r}: {problem}" + (f"; {hint}" if hint else "")
+        )
+
+
+@frozen
+class ServerLoad:
+    """What the server-wide limits see (PROTOCOL.md 5.3)."""
+
+    connections: int  # past an accepted handshake, counted against max_connections
+    in_flight: int  # payload bytes in flight across every connection
+    waiting: int  # connections queued for the in-flight budget
 
 
 @frozen
@@ -70,6 +109,12 @@ class _MirrorConnection(QuicConnectionProtocol):
         self.session: SourceSession | None = None
         self._pending_close: CloseConnection | None = None
         self._linger: asyncio.TimerHandle | None = None
+        # Stream events wait here until the handshake completed (and, with mutual
+        # TLS, the client certificate verified); a refused peer's are dropped.
+        self._verified = False
+        self._refused = False
+        self._held: list[events.QuicEvent] = []
+        self._held_bytes = 0
         if server.client_ca_file is not None:
             _request_client_certificate(quic)
 
@@ -79,15 +124,28 @@ class _MirrorConnection(QuicConnectionProtocol):
         if self.session is None:
             self._peer = f"{addr[0]}:{addr[1]}"
             self.session = SourceSession(
-                self._server.cluster_id, self._server.store, self._server.settings, self._peer
+                self._server.cluster_id,
+                self._server.store,
+                self._server.settings,
+                self._peer,
+                limits=self._server._limits,
             )
-            self._server._connections.add(self)
+            self._server._connections[self.session] = self
         super().datagram_received(data, addr)
         self._close_if_delivered()
+        self._server._drive_budget()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         session = self.session
         if session is None:
+            return
+        if (
+            isinstance(
+                event, events.StreamDataReceived | events.StreamReset | events.StopSendingReceived
+            )
+            and not self._verified
+        ):
+            self._hold(event)
             return
         if isinstance(event, events.StreamDataReceived):
             self._apply(session.stream_data(event.stream_id, event.data, event.end_stream))
@@ -99,19 +157,41 @@ class _MirrorConnection(QuicConnectionProtocol):
         elif isinstance(event, events.HandshakeCompleted):
             self._handshake_completed()
         elif isinstance(event, events.ConnectionTerminated):
-            self._server._connections.discard(self)
+            self._server._connections.pop(session, None)
+            self._held.clear()
             if self._linger is not None:
                 self._linger.cancel()
+            session.release()
             logger.bind(peer=self._peer, cluster=self._server.cluster_id).debug(
                 "mirror connection ended (code 0x{:x}: {})", event.error_code, event.reason_phrase
             )
+            self._server._drive_budget()
+
+    def _hold(self, event: events.QuicEvent) -> None:
+        if self._refused:
+            return
+        if isinstance(event, events.StreamDataReceived):
+            self._held_bytes += len(event.data)
+        if self._held_bytes > MAX_HELD_BYTES:
+            self._refuse(
+                ALERT_INTERNAL_ERROR, "too much stream data before the handshake completed"
+            )
+            return
+        self._held.append(event)
 
     # -- actions ------------------------------------------------------------
 
     def pump(self) -> None:
-        if self.session is not None:
+        if self.session is not None and self._verified:
             self._apply(self.session.pump())
             self.transmit()
+
+    def tick(self, now: float) -> None:
+        if self.session is not None and self._verified:
+            actions = self.session.tick(now)
+            if actions:
+                self._apply(actions)
+                self.transmit()
 
     def shutdown(self) -> None:
         if self.session is not None:
@@ -174,18 +254,43 @@ class _MirrorConnection(QuicConnectionProtocol):
         log = logger.bind(peer=self._peer, cluster=self._server.cluster_id)
         ca_file = self._server.client_ca_file
         if ca_file is not None:
-            problem = _client_certificate_problem(self._quic, ca_file)
+            try:
+                problem = _client_certificate_problem(self._quic, ca_file)
+            except Exception as error:  # fail closed: whatever broke, this peer is not verified
+                log.warning(
+                    "could not verify a mirror's client certificate against client_ca_file {!r}: "
+                    "{}: {}",
+                    ca_file,
+                    type(error).__name__,
+                    error,
+                )
+                problem = (
+                    ALERT_INTERNAL_ERROR,
+                    "this source could not verify the client certificate (its client CA "
+                    "file is unusable); connection refused",
+                )
             if problem is not None:
                 alert, detail = problem
                 log.warning("refused mirror without a valid client certificate: {}", detail)
-                self._quic.close(
-                    error_code=CRYPTO_ERROR_BASE + alert,
-                    frame_type=QuicFrameType.CRYPTO,
-                    reason_phrase=detail[:200],
-                )
-                self.transmit()
+                self._refuse(alert, detail)
                 return
         log.info("mirror connected")
+        self._verified = True
+        held, self._held = self._held, []
+        for event in held:
+            if self._refused or self.session is None or self.session.closing:
+                break
+            self.quic_event_received(event)
+
+    def _refuse(self, alert: int, detail: str) -> None:
+        self._refused = True
+        self._held.clear()
+        self._quic.close(
+            error_code=CRYPTO_ERROR_BASE + alert,
+            frame_type=QuicFrameType.CRYPTO,
+            reason_phrase=detail[:200],
+        )
+        self.transmit()
 
 
 def _request_client_certificate(quic: QuicConnection) -> None:
@@ -202,6 +307,9 @@ def _request_client_certificate(quic: QuicConnection) -> None:
 
 def _client_certificate_problem(quic: QuicConnection, ca_file: str) -> tuple[int, str] | None:
     # aioquic checks the client's signature but never its chain: do it here.
+    # The CA file is read again for each connection (so a rotated CA applies at
+    # once); a file that broke since start() raises, and the caller refuses.
+    _load_client_ca(ca_file)
     certificate = quic.tls._peer_certificate
     if certificate is None:
         return ALERT_CERTIFICATE_REQUIRED, "this source requires a client certificate (mutual TLS)"
@@ -212,6 +320,74 @@ def _client_certificate_problem(quic: QuicConnection, ca_file: str) -> tuple[int
     except AlertBadCertificate as error:
         return ALERT_BAD_CERTIFICATE, f"client certificate rejected: {error}"
     return None
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SourceConfigError(setting, path, "no such file") from None
+    except IsADirectoryError:
+        raise SourceConfigError(setting, path, "it is a directory, not a PEM file") from None
+    except OSError as error:
+        raise SourceConfigError(
+            setting, path, f"cannot read it: {error.strerror or error}"
+        ) from None
+
+
+def _certificates(setting: str, path: str, data: bytes, hint: str) -> list[Any]:
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        what = " (it holds a private key)" if b"PRIVATE KEY-----" in data else ""
+        raise SourceConfigError(setting, path, f"no certificate in it{what}", hint)
+    try:
+        certificates = load_pem_x509_certificates(data)
+    except Exception as error:  # cryptography raises ValueError and others for bad PEM
+        reason = str(error).split(".")[0][:120]
+        raise SourceConfigError(
+            setting, path, f"not a PEM certificate file ({reason})", hint
+        ) from None
+    if not certificates:
+        raise SourceConfigError(setting, path, "no certificate in it", hint)
+    return certificates
+
+
+def _load_client_ca(path: str) -> None:
+    """Check ``client_ca_file`` the way verification will read it: PEM, at least one certificate."""
+    setting = "client_ca_file"
+    hint = "give the PEM file of the CA that signs the mirrors' client certificates"
+    _certificates(setting, path, _read(setting, path), hint)
+    try:
+        crypto.X509Store().load_locations(path)
+    except Exception as error:
+        raise SourceConfigError(setting, path, f"OpenSSL cannot load it ({error})", hint) from None
+
+
+def check_source_files(certfile: str, keyfile: str, client_ca_file: str | None) -> None:
+    """Load and check every file a source needs; ``SourceConfigError`` for the first that fails."""
+    cert_hint = "give the PEM certificate of this source, with the cluster id as a DNS name"
+    cert_data = _read("certfile", certfile)
+    certificate = _certificates("certfile", certfile, cert_data, cert_hint)[0]
+    key_data = _read("keyfile", keyfile)
+    try:
+        key = load_pem_private_key(key_data, password=None)
+    except Exception as error:
+        raise SourceConfigError(
+            "keyfile",
+            keyfile,
+            f"not an unencrypted PEM private key ({type(error).__name__}: {error})",
+            "give the private key that belongs to certfile",
+        ) from None
+    if key.public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    ) != certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo):
+        raise SourceConfigError(
+            "keyfile",
+            keyfile,
+            f"it is not the key of the certificate in certfile {certfile!r}",
+            "give the private key that belongs to certfile",
+        )
+    if client_ca_file is not None:
+        _load_client_ca(client_ca_file)
 
 
 class SourceServer:
@@ -255,7 +431,10 @@ class SourceServer:
         self.port = 0
         self._loop_thread = LoopThread(f"source-{cluster_id}")
         self._quic_server: QuicServer | None = None
-        self._connections: set[_MirrorConnection] = set()
+        # Every live connection, by its session (the budget's round robin names sessions).
+        self._connections: dict[SourceSession, _MirrorConnection] = {}
+        self._limits = SourceLimits.from_settings(settings)
+        self._tick_handle: asyncio.TimerHandle | None = None
         self._pump_lock = threading.Lock()
         self._pump_scheduled = False
         self._log = logger.bind(cluster=cluster_id, database=None)
@@ -267,9 +446,12 @@ class SourceServer:
         return self._loop_thread.running
 
     def start(self) -> SourceServer:
+        """Listen; ``SourceConfigError`` (before anything starts) if a certificate file is unusable."""
         if self.running:
             return self
+        check_source_files(self.certfile, self.keyfile, self.client_ca_file)
         configuration = self._configuration()
+        self._limits = SourceLimits.from_settings(self.settings)
         self._pump_scheduled = False
         self._loop_thread = LoopThread(f"source-{self.cluster_id}")
         self.port = self._loop_thread.start(lambda: self._listen(configuration))
@@ -317,7 +499,18 @@ class SourceServer:
             return []
 
         async def collect() -> list[ConnectionInfo]:
-            return [_describe(connection) for connection in self._connections]
+            return [_describe(connection) for connection in self._connections.values()]
+
+        return self._loop_thread.submit(collect()).result(STOP_TIMEOUT_SECONDS)
+
+    def load(self) -> ServerLoad:
+        """The server-wide connection count and in-flight total (asks the loop thread)."""
+        if not self.running:
+            return ServerLoad(0, 0, 0)
+
+        async def collect() -> ServerLoad:
+            limits = self._limits
+            return ServerLoad(limits.connections, limits.in_flight, len(limits.waiting()))
 
         return self._loop_thread.submit(collect()).result(STOP_TIMEOUT_SECONDS)
 
@@ -342,9 +535,38 @@ class SourceServer:
         transport = self._quic_server._transport
         assert transport is not None
         port: int = transport.get_extra_info("sockname")[1]
+        self._schedule_tick()
         return port
 
+    def _schedule_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tick_handle = loop.call_later(self.settings.tick_interval, self._tick)
+
+    def _tick(self) -> None:
+        """The stall rule's clock: every ``tick_interval`` each session decides with ``now``."""
+        now = asyncio.get_running_loop().time()
+        try:
+            for connection in list(self._connections.values()):
+                connection.tick(now)
+            self._drive_budget()
+        finally:
+            self._schedule_tick()
+
+    def _drive_budget(self) -> None:
+        """Hand freed server-wide budget to the connections queued for it, in turn."""
+        limits = self._limits
+        if not limits.runnable:
+            return
+        for session, actions in limits.drive():
+            connection = self._connections.get(session)
+            if connection is not None:
+                connection._apply(actions)
+                connection.transmit()
+
     def _release(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         if self._quic_server is not None:
             self._quic_server.close()
             self._quic_server = None
@@ -356,7 +578,7 @@ class SourceServer:
         return _MirrorConnection(quic, stream_handler, server=self)
 
     async def _close_all(self) -> None:
-        for connection in list(self._connections):
+        for connection in list(self._connections.values()):
             connection.shutdown()
 
     def _on_append(self, database_id: str, lsn: int) -> None:
@@ -374,8 +596,9 @@ class SourceServer:
     def _pump_all(self) -> None:
         with self._pump_lock:
             self._pump_scheduled = False
-        for connection in list(self._connections):
+        for connection in list(self._connections.values()):
             connection.pump()
+        self._drive_budget()
 
 
 def _describe(connection: _MirrorConnection) -> ConnectionInfo:

@@ -3,7 +3,12 @@
 ``SourceSession`` takes stream events in and hands back actions (bytes to send
 on a stream, a stream to abort, the connection to close).  The QUIC shell in
 ``source_server`` carries the actions out; everything the protocol decides is
-here and testable without a socket.
+here and testable without a socket.  Time comes in from the caller too
+(``tick(now)``), so the stall rule is decided here as well.
+
+``SourceLimits`` is what the sessions of one server share (PROTOCOL.md 5.3):
+the connection limit and the server-wide budget of payload bytes in flight,
+handed out round robin when sessions wait for it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ DEFAULT_FLOW_CONTROL_CAP = 64 * 1024 * 1024
 DEFAULT_SNAPSHOT_CHUNK = 256 * 1024
 DEFAULT_BATCH_BYTES = 256 * 1024
 DEFAULT_MAX_SUBSCRIPTIONS = 64
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_BUFFERED_BYTES = 1 << 30
+DEFAULT_STALL_TIMEOUT = 60.0
 
 
 @frozen
@@ -82,10 +90,24 @@ class SourceSettings:
     batch_bytes: int = DEFAULT_BATCH_BYTES
     batch_max_entries: int = 4096
     max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS
+    # Mirror connections past their accepted handshake, per server; one more is
+    # refused at its HELLO with OVERLOADED.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Payload bytes in flight across every connection of one server.
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
+    # Seconds a connection may stay unable to send with bytes in flight and no
+    # ACK before it is shed with OVERLOADED.
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
     def __attrs_post_init__(self) -> None:
         if self.flow_control_cap <= 0:
             raise ValueError("flow_control_cap must be positive")
+        if self.max_connections <= 0:
+            raise ValueError("max_connections must be positive")
+        if self.max_buffered_bytes <= 0:
+            raise ValueError("max_buffered_bytes must be positive")
+        if not self.stall_timeout > 0:
+            raise ValueError("stall_timeout must be positive")
         if not 0 < self.snapshot_chunk_size <= MAX_PAYLOAD - 512:
             raise ValueError(f"snapshot_chunk_size must be in 1..{MAX_PAYLOAD - 512}")
         if not 0 < self.batch_bytes <= MAX_PAYLOAD - ENTRY_FRAME_OVERHEAD:
@@ -99,6 +121,82 @@ class SourceSettings:
     @property
     def resume_threshold(self) -> int:
         return self.flow_control_cap * 3 // 4
+
+    @property
+    def tick_interval(self) -> float:
+        """How often the shell should call ``SourceSession.tick``: a stall is noticed late by at most this."""
+        return min(1.0, self.stall_timeout / 4)
+
+
+class SourceLimits:
+    """What the sessions of one server share: connection slots and the in-flight budget.
+
+    A session may send while the server-wide total in flight is below
+    ``max_buffered_bytes`` and nobody waits for budget.  Once it is reached,
+    sessions that have something to send queue up; ``drive()`` then hands the
+    budget out one frame per session in turn, so no connection starves.  The
+    total can pass the budget by at most one frame.  Loop thread only.
+    """
+
+    def __init__(self, max_connections: int, max_buffered_bytes: int) -> None:
+        self.max_connections = max_connections
+        self.max_buffered_bytes = max_buffered_bytes
+        self.connections = 0
+        self.in_flight = 0
+        # Insertion-ordered: the round-robin queue of sessions waiting for budget.
+        self._waiting: dict[SourceSession, None] = {}
+
+    @classmethod
+    def from_settings(cls, settings: SourceSettings) -> SourceLimits:
+        return cls(settings.max_connections, settings.max_buffered_bytes)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_flight >= self.max_buffered_bytes
+
+    @property
+    def runnable(self) -> bool:
+        """Sessions wait for budget and some is free: the shell should call ``drive()``."""
+        return bool(self._waiting) and not self.exhausted
+
+    def is_waiting(self, session: SourceSession) -> bool:
+        return session in self._waiting
+
+    def waiting(self) -> list[SourceSession]:
+        return list(self._waiting)
+
+    def may_send(self, session: SourceSession, turn: bool) -> bool:
+        if self.exhausted:
+            return False
+        # Out of turn only while nobody queues, or a session that already holds
+        # a place would be overtaken by whoever's ACK happened to free budget.
+        return turn or not self._waiting
+
+    def wait(self, session: SourceSession) -> None:
+        self._waiting.setdefault(session, None)
+
+    def drive(self) -> list[tuple[SourceSession, list[Action]]]:
+        """Hand free budget to the waiting sessions, one frame each in turn."""
+        out: dict[SourceSession, list[Action]] = {}
+        while self._waiting and not self.exhausted:
+            session = next(iter(self._waiting))
+            del self._waiting[session]
+            actions = session.pump(turn=True)
+            if actions:
+                out.setdefault(session, []).extend(actions)
+        return list(out.items())
+
+    def _admit(self) -> bool:
+        if self.connections >= self.max_connections:
+            return False
+        self.connections += 1
+        return True
+
+    def _release(self, session: SourceSession, in_flight: int, admitted: bool) -> None:
+        self._waiting.pop(session, None)
+        self.in_flight = max(0, self.in_flight - in_flight)
+        if admitted:
+            self.connections = max(0, self.connections - 1)
 
 
 def _clip(text: str, limit: int = 200) -> str:
@@ -138,10 +236,14 @@ class SourceSession:
         store: SourceStore,
         settings: SourceSettings | None = None,
         peer: str = "",
+        limits: SourceLimits | None = None,
     ) -> None:
         self.cluster_id = cluster_id
         self.store = store
         self.settings = settings or SourceSettings()
+        # Shared with the other sessions of one server; a session on its own gets its own.
+        self.limits = limits if limits is not None else SourceLimits.from_settings(self.settings)
+        self.peer = peer
         self.state = SessionState.AWAITING_HELLO
         self.database: DatabaseLog | None = None
         self.in_flight = 0
@@ -153,6 +255,10 @@ class SourceSession:
         # Streams whose sending side this source already finished (FIN sent).
         self._finished_streams: set[int] = set()
         self._chunk_size = self.settings.snapshot_chunk_size
+        self._admitted = False
+        self._released = False
+        # When tick() first saw this session unable to send with bytes in flight.
+        self._stall_since: float | None = None
         self._log = logger.bind(peer=peer, cluster=cluster_id, database=None)
 
     # -- inputs ------------------------------------------------------------
@@ -204,26 +310,85 @@ class SourceSession:
             self._log.debug("mirror cancelled the subscription on stream {}", stream_id)
         return []
 
-    def pump(self) -> list[Action]:
-        """Send what flow control allows: snapshot chunks, then entries, round-robin by stream."""
+    def pump(self, *, turn: bool = False) -> list[Action]:
+        """Send what flow control allows: snapshot chunks, then entries, round-robin by stream.
+
+        Per connection, sending stops at the cap (PROTOCOL.md 5.3); server-wide,
+        at the shared budget, where this session queues for its turn.  With
+        ``turn`` (from ``SourceLimits.drive``) it sends at most one frame.
+        """
         if self.state is not SessionState.ESTABLISHED or self.database is None:
             return []
+        limits = self.limits
         pending: dict[int, list[bytes]] = {}
         progressed = True
         while progressed and not self._blocked():
             progressed = False
             for stream_id, stream in self._streams.items():
-                if stream.subscription is None or self._blocked():
+                subscription = stream.subscription
+                if subscription is None or self._blocked():
                     continue
-                frame = self._next_frame(stream.subscription)
+                if not limits.may_send(self, turn) or (turn and pending):
+                    if self._has_pending():
+                        limits.wait(self)
+                    progressed = False
+                    break
+                frame = self._next_frame(subscription)
                 if frame is None:
                     continue
                 encoded = encode_frame(frame)
-                self.in_flight += len(encoded) - 5
+                payload = len(encoded) - 5
+                self.in_flight += payload
+                limits.in_flight += payload
                 self.bytes_sent += len(encoded)
                 pending.setdefault(stream_id, []).append(encoded)
                 progressed = True
         return [SendData(stream_id, b"".join(chunks)) for stream_id, chunks in pending.items()]
+
+    def tick(self, now: float) -> list[Action]:
+        """The stall rule (PROTOCOL.md 5.3), ``now`` in seconds on the caller's monotonic clock.
+
+        A session that cannot send (at its cap, or queued for the server's
+        budget) with bytes in flight, and that gets no ACK freeing any of them
+        for ``stall_timeout``, is shed with OVERLOADED.  Called every
+        ``settings.tick_interval``; the timer starts at the first tick that sees
+        the stall.
+        """
+        if self.state is not SessionState.ESTABLISHED or not self._stalled_now():
+            self._stall_since = None
+            return []
+        if self._stall_since is None:
+            self._stall_since = now
+            return []
+        stalled_for = now - self._stall_since
+        if stalled_for < self.settings.stall_timeout:
+            return []
+        cause = (
+            f"at its flow-control cap ({self.settings.flow_control_cap} bytes)"
+            if self.paused
+            else f"waiting for the server's in-flight budget ({self.limits.max_buffered_bytes} bytes)"
+        )
+        return self._shed(
+            f"stalled: {self.in_flight} bytes in flight, {cause}, and no ACK for "
+            f"{stalled_for:.1f} s (stall timeout {self.settings.stall_timeout:g} s)"
+        )
+
+    def release(self) -> None:
+        """The connection is closing or gone: give its budget and its connection slot back.
+
+        Every close this session decides on releases at once (nothing more is
+        sent, so its bytes in flight no longer matter); the shell calls it
+        again when the connection ends, which is harmless.
+        """
+        if self._released:
+            return
+        self._released = True
+        self.limits._release(self, self.in_flight, self._admitted)
+        self.state = SessionState.CLOSING
+
+    @property
+    def stalled_since(self) -> float | None:
+        return self._stall_since
 
     @property
     def closing(self) -> bool:
@@ -232,8 +397,28 @@ class SourceSession:
     def shutdown(self) -> list[Action]:
         if self.state is SessionState.CLOSING:
             return []
-        self.state = SessionState.CLOSING
+        self.release()
         return [CloseConnection(ErrorCode.SOURCE_SHUTDOWN, "source shutting down")]
+
+    def _shed(self, why: str) -> list[Action]:
+        """Close with OVERLOADED: ERROR{0x08} on every open replication stream, then the close."""
+        database = self.database.database_id if self.database is not None else None
+        logger.bind(peer=self.peer, cluster=self.cluster_id, database=database).warning(
+            "shed mirror connection {} (database {}): {}", self.peer or "?", database, why
+        )
+        self.release()
+        detail = f"source overloaded, connection shed: {why}; retry later"
+        error = encode_frame(Error(int(ErrorCode.OVERLOADED), detail[:1000]))
+        streams = tuple(
+            stream_id
+            for stream_id, stream in self._streams.items()
+            if stream.subscription is not None and stream_id not in self._finished_streams
+        )
+        actions: list[Action] = [
+            SendData(stream_id, error, end_stream=True) for stream_id in streams
+        ]
+        actions.append(CloseConnection(ErrorCode.OVERLOADED, detail, after_streams=streams))
+        return actions
 
     # -- handshake ---------------------------------------------------------
 
@@ -251,14 +436,15 @@ class SourceSession:
     def _hello(self, hello: Hello) -> list[Action]:
         rejection = self._check_hello(hello)
         if rejection is not None:
-            code, detail = rejection
-            self.state = SessionState.CLOSING
-            self._log.warning("rejected mirror handshake: {} ({})", code.name, detail)
-            ack = HelloAck.reject(self.cluster_id, code, detail)
-            return [
-                SendData(HANDSHAKE_STREAM_ID, encode_frame(ack), end_stream=True),
-                CloseConnection(code, detail, after_streams=(HANDSHAKE_STREAM_ID,)),
-            ]
+            return self._reject(*rejection, hello.source_database_id)
+        if not self.limits._admit():
+            return self._reject(
+                ErrorCode.OVERLOADED,
+                f"source overloaded: it serves at most {self.limits.max_connections} mirror "
+                "connections and all are in use; retry later",
+                hello.source_database_id,
+            )
+        self._admitted = True
         database = self.store[hello.source_database_id]
         self.database = database
         self.state = SessionState.ESTABLISHED
@@ -279,6 +465,23 @@ class SourceSession:
         self._finished_streams.add(HANDSHAKE_STREAM_ID)
         return [SendData(HANDSHAKE_STREAM_ID, encode_frame(ack), end_stream=True)]
 
+    def _reject(self, code: ErrorCode, detail: str, database: str) -> list[Action]:
+        """A rejecting HELLO_ACK, then the close with its code once the ack is delivered."""
+        self.release()
+        self._log.warning(
+            "rejected mirror handshake from {} (database {!r}): {} ({})",
+            self.peer or "?",
+            _clip(database, 100),
+            code.name,
+            detail,
+        )
+        ack = HelloAck.reject(self.cluster_id, code, detail)
+        self._finished_streams.add(HANDSHAKE_STREAM_ID)
+        return [
+            SendData(HANDSHAKE_STREAM_ID, encode_frame(ack), end_stream=True),
+            CloseConnection(code, detail, after_streams=(HANDSHAKE_STREAM_ID,)),
+        ]
+
     def _check_hello(self, hello: Hello) -> tuple[ErrorCode, str] | None:
         if hello.protocol_version != PROTOCOL_VERSION:
             return (
@@ -291,12 +494,13 @@ class SourceSession:
                 ErrorCode.CLUSTER_ID,
                 f"this source is cluster {self.cluster_id!r}, not {_clip(hello.source_cluster)!r}",
             )
-        if self.store.get(hello.source_database_id) is None:
+        database = self.store.get(hello.source_database_id)
+        if database is None:
             return (
                 ErrorCode.UNKNOWN_DATABASE,
                 f"cluster {self.cluster_id!r} holds no database {_clip(hello.source_database_id)!r}",
             )
-        return None
+        return _check_history(database, hello)
 
     # -- replication -------------------------------------------------------
 
@@ -311,7 +515,13 @@ class SourceSession:
                 f"a replication stream must start with SUBSCRIBE, got {type(frame).__name__}",
             )
         if isinstance(frame, Ack):
-            self.in_flight = max(0, self.in_flight - frame.bytes)
+            freed = min(frame.bytes, self.in_flight)
+            self.in_flight -= freed
+            self.limits.in_flight = max(0, self.limits.in_flight - freed)
+            if freed:
+                # Only an ACK that frees bytes shows the mirror is reading: an ACK
+                # of nothing must not keep a stalled connection's bytes pinned.
+                self._stall_since = None
             stream.subscription.applied_lsn = max(
                 stream.subscription.applied_lsn, frame.applied_lsn
             )
@@ -374,6 +584,29 @@ class SourceSession:
 
     # -- flow control and errors ------------------------------------------
 
+    def _has_pending(self) -> bool:
+        """Some subscription has a frame to send now (were it allowed to)."""
+        database = self.database
+        if database is None:
+            return False
+        last = database.last_lsn
+        for stream in self._streams.values():
+            subscription = stream.subscription
+            if subscription is None:
+                continue
+            if (
+                subscription.snapshot is not None
+                or subscription.next_lsn <= last
+                or database.needs_snapshot(subscription.next_lsn)
+            ):
+                return True
+        return False
+
+    def _stalled_now(self) -> bool:
+        if self.in_flight <= 0:
+            return False
+        return self._blocked() or self.limits.is_waiting(self)
+
     def _blocked(self) -> bool:
         if self.paused and self.in_flight <= self.settings.resume_threshold:
             self.paused = False
@@ -412,7 +645,7 @@ class SourceSession:
     def _close_with_error(
         self, stream_id: int | None, code: ErrorCode, detail: str
     ) -> list[Action]:
-        self.state = SessionState.CLOSING
+        self.release()
         if stream_id is None or stream_id in self._finished_streams:
             return [CloseConnection(code, detail)]
         error = encode_frame(Error(int(code), detail[:1000]))
@@ -425,3 +658,32 @@ class SourceSession:
 
     def subscriptions(self) -> list[Subscription]:
         return [s.subscription for s in self._streams.values() if s.subscription is not None]
+
+
+def _check_history(database: DatabaseLog, hello: Hello) -> tuple[ErrorCode, str] | None:
+    """PROTOCOL.md 5.1's history check: is the mirror's history a prefix of this log?
+
+    Ahead of the log is diverged; so is a different term at ``last_applied_lsn``
+    where this source knows the term there.  A mirror behind a compaction is
+    not diverged (the snapshot replaces what it holds), nor is one that sends
+    no term (NodeDB's HELLO).
+    """
+    lsn = hello.last_applied_lsn
+    last = database.last_lsn
+    if lsn > last:
+        ahead = lsn - last
+        return (
+            ErrorCode.DIVERGED,
+            f"the mirror has applied up to LSN {lsn} but database {_clip(database.database_id)!r} "
+            f"of this source ends at LSN {last}: the mirror is {ahead} "
+            f"{'entry' if ahead == 1 else 'entries'} ahead",
+        )
+    if hello.last_applied_term != 0:
+        term = database.term_at(lsn)
+        if term is not None and term != hello.last_applied_term:
+            return (
+                ErrorCode.DIVERGED,
+                f"at LSN {lsn} the mirror has term {hello.last_applied_term} but this source "
+                f"has term {term}: the histories differ",
+            )
+    return None

@@ -2,15 +2,20 @@
 
 It speaks PROTOCOL.md by hand so tests can check every answer of
 ``SourceServer``, including answers to misbehaviour a real mirror never sends.
+Besides the decoded frames it keeps every byte each stream carried, and
+``hand_frame``/``hand_frames`` encode and split frames with nothing but
+``struct`` and ``msgpack``, so a check can stay independent of our codec.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgpack
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
@@ -39,12 +44,20 @@ class RawClient(QuicConnectionProtocol):
             asyncio.get_running_loop().create_future()
         )
         self.payload_bytes_received = 0
+        # Every byte received per stream, and the streams the source finished.
+        self.raw: dict[int, bytearray] = {}
+        self.raw_ended: set[int] = set()
+        self._raw_changed = asyncio.Event()
 
     def queue(self, stream_id: int) -> asyncio.Queue[Any]:
         return self.queues.setdefault(stream_id, asyncio.Queue())
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
+            self.raw.setdefault(event.stream_id, bytearray()).extend(event.data)
+            if event.end_stream:
+                self.raw_ended.add(event.stream_id)
+            self._raw_changed.set()
             decoder = self.decoders.setdefault(event.stream_id, FrameDecoder())
             queue = self.queue(event.stream_id)
             try:
@@ -58,6 +71,7 @@ class RawClient(QuicConnectionProtocol):
         elif isinstance(event, events.StreamReset):
             self.queue(event.stream_id).put_nowait(event)
         elif isinstance(event, events.ConnectionTerminated):
+            self._raw_changed.set()
             if not self.terminated.done():
                 self.terminated.set_result(event)
             for queue in self.queues.values():
@@ -77,6 +91,50 @@ class RawClient(QuicConnectionProtocol):
     async def closed(self, timeout: float = RECV_TIMEOUT) -> events.ConnectionTerminated:
         return await asyncio.wait_for(asyncio.shield(self.terminated), timeout)
 
+    def send_raw(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        self._quic.send_stream_data(stream_id, data, end)
+        self.transmit()
+
+    async def raw_frames(
+        self, stream_id: int, count: int, timeout: float = RECV_TIMEOUT
+    ) -> list[tuple[int, Any]]:
+        """The first ``count`` frames on a stream, split by hand from its bytes."""
+
+        async def enough() -> list[tuple[int, Any]]:
+            while True:
+                frames = hand_frames(bytes(self.raw.get(stream_id, b"")))
+                if len(frames) >= count:
+                    return frames[:count]
+                if self.terminated.done():
+                    raise AssertionError(
+                        f"connection closed with {len(frames)} of {count} frames on "
+                        f"stream {stream_id}"
+                    )
+                self._raw_changed.clear()
+                await self._raw_changed.wait()
+
+        return await asyncio.wait_for(enough(), timeout)
+
+
+def hand_frame(frame_type: int, payload: dict[str, Any]) -> bytes:
+    """A frame built by hand: type byte, big-endian u32 length, MessagePack map."""
+    body: bytes = msgpack.packb(payload, use_bin_type=True)
+    return struct.pack(">BI", frame_type, len(body)) + body
+
+
+def hand_frames(data: bytes) -> list[tuple[int, Any]]:
+    """Every whole frame in ``data`` as (type, decoded payload); a partial tail is left out."""
+    frames: list[tuple[int, Any]] = []
+    offset = 0
+    while len(data) - offset >= 5:
+        frame_type, length = struct.unpack_from(">BI", data, offset)
+        if len(data) - offset - 5 < length:
+            break
+        body = data[offset + 5 : offset + 5 + length]
+        frames.append((frame_type, msgpack.unpackb(body, raw=False)))
+        offset += 5 + length
+    return frames
+
 
 @asynccontextmanager
 async def raw_mirror(
@@ -87,7 +145,10 @@ async def raw_mirror(
     certfile: str | None = None,
     keyfile: str | None = None,
     idle_timeout: float = 10.0,
+    wait_connected: bool = True,
 ) -> AsyncIterator[RawClient]:
+    """A connected client; with ``wait_connected`` false it is handed over before the
+    handshake, so stream data sent at once leaves with the client's TLS Finished."""
     configuration = QuicConfiguration(
         is_client=True, alpn_protocols=[ALPN], server_name=server_name, idle_timeout=idle_timeout
     )
@@ -95,10 +156,29 @@ async def raw_mirror(
     if certfile is not None:
         configuration.load_cert_chain(certfile, keyfile)
     async with asyncio.timeout(RECV_TIMEOUT):
-        manager = connect("127.0.0.1", port, configuration=configuration, create_protocol=RawClient)
+        manager = connect(
+            "127.0.0.1",
+            port,
+            configuration=configuration,
+            create_protocol=RawClient,
+            wait_connected=wait_connected,
+        )
         client = await manager.__aenter__()
     try:
         assert isinstance(client, RawClient)
         yield client
     finally:
         await manager.__aexit__(None, None, None)
+
+
+def hand_frame_lengths(data: bytes) -> list[int]:
+    """The payload length of every whole frame in ``data``, read from the headers."""
+    lengths: list[int] = []
+    offset = 0
+    while len(data) - offset >= 5:
+        (length,) = struct.unpack_from(">I", data, offset + 1)
+        if len(data) - offset - 5 < length:
+            break
+        lengths.append(length)
+        offset += 5 + length
+    return lengths

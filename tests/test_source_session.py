@@ -107,7 +107,9 @@ class Mirror:
             fields.pop("source_database_id", DB),
             fields.pop("last_applied_lsn", 0),
             fields.pop("protocol_version", 1),
+            fields.pop("last_applied_term", 0),
         )
+        assert not fields, f"unknown HELLO fields {fields}"
         new = self.send(0, hello, end=True)
         assert len(new) == 1
         stream_id, ack = new[0]
@@ -165,6 +167,12 @@ def entries_of(frames: Iterable[Frame]) -> list[Entry]:
         (Hello("eu-west", "nope", 0, 1), ErrorCode.CLUSTER_ID, ["'us-east'", "'eu-west'"]),
         (Hello("eu-west", DB, 0, 1), ErrorCode.CLUSTER_ID, ["eu-west"]),
         (Hello("us-east", "nope", 0, 1), ErrorCode.UNKNOWN_DATABASE, ["'nope'"]),
+        # History comes last: a HELLO ahead of the log with another fault gets that fault.
+        (Hello("eu-west", DB, 99, 2), ErrorCode.BAD_VERSION, ["version 2"]),
+        (Hello("eu-west", DB, 99, 1), ErrorCode.CLUSTER_ID, ["'eu-west'"]),
+        (Hello("us-east", "nope", 99, 1), ErrorCode.UNKNOWN_DATABASE, ["'nope'"]),
+        (Hello("us-east", DB, 99, 1), ErrorCode.DIVERGED, ["LSN 99", "ends at LSN 3"]),
+        (Hello("us-east", DB, 2, 1, 5), ErrorCode.DIVERGED, ["LSN 2", "term 5", "term 1"]),
     ],
 )
 def test_handshake_checks_in_order(hello: Hello, code: ErrorCode, words: list[str]) -> None:
@@ -215,9 +223,7 @@ def test_accepted_on_an_empty_log() -> None:
         (8, True),  # first_lsn - 2
         (9, False),  # exactly first_lsn - 1: the mirror has everything compacted
         (10, False),
-        (12, False),
-        (500, False),
-        (2**64 - 1, False),
+        (12, False),  # the last LSN held; one more is ahead (DIVERGED)
     ],
 )
 def test_accepted_with_snapshot_only_when_compacted_past(last_applied: int, snapshot: bool) -> None:
@@ -232,6 +238,111 @@ def test_accepted_with_snapshot_only_when_compacted_past(last_applied: int, snap
         assert ack.snapshot_bytes_total == len(snap.data) > 0
     else:
         assert (ack.snapshot_lsn, ack.snapshot_bytes_total) == (NO_SNAPSHOT, 0)
+
+
+# --- the history check (PROTOCOL.md 5.1) ------------------------------------------------------
+
+
+def termed(
+    terms: list[int], compact_to: int | None = None
+) -> tuple[DatabaseLog, SourceSession, Mirror]:
+    log, session, mirror = make(0)
+    for i, term in enumerate(terms):
+        log.append(b"e%d" % (i + 1), term=term)
+    if compact_to is not None:
+        log.compact(compact_to)
+    return log, session, mirror
+
+
+def diverged(mirror: Mirror, **hello: Any) -> str:
+    ack = mirror.hello(**hello)
+    assert not ack.accepted and ack.error_code == ErrorCode.DIVERGED
+    assert ack.source_cluster_id == CLUSTER
+    assert (ack.snapshot_lsn, ack.snapshot_bytes_total) == (NO_SNAPSHOT, 0)
+    close = mirror.close
+    assert close is not None and close.code == ErrorCode.DIVERGED
+    assert close.after_streams == (0,), "the close waits for the ack"
+    assert mirror.session.closing
+    return ack.error_detail
+
+
+@pytest.mark.parametrize(
+    ("entries", "compact_to", "lsn", "words"),
+    [
+        (0, None, 1, ["LSN 1", "ends at LSN 0", "1 entry ahead"]),
+        (12, None, 13, ["LSN 13", "ends at LSN 12", "1 entry ahead"]),
+        (12, None, 500, ["LSN 500", "488 entries ahead"]),
+        (12, 9, 13, ["ends at LSN 12"]),
+        (12, 12, 13, ["ends at LSN 12"]),  # everything compacted: the snapshot's end counts
+        (3, None, 2**64 - 1, [str(2**64 - 1)]),
+    ],
+)
+def test_a_mirror_ahead_of_the_log_is_diverged(
+    entries: int, compact_to: int | None, lsn: int, words: list[str]
+) -> None:
+    _, _, mirror = termed([1] * entries, compact_to)
+    detail = diverged(mirror, last_applied_lsn=lsn)
+    for word in words:
+        assert word in detail
+    # With or without a term: ahead is ahead.
+    _, _, mirror = termed([1] * entries, compact_to)
+    diverged(mirror, last_applied_lsn=lsn, last_applied_term=1)
+
+
+def test_a_different_term_at_a_held_lsn_is_diverged() -> None:
+    _, _, mirror = termed([1, 1, 2, 3, 3])
+    detail = diverged(mirror, last_applied_lsn=4, last_applied_term=2)
+    assert (
+        detail == "at LSN 4 the mirror has term 2 but this source has term 3: the histories differ"
+    )
+    _, _, mirror = termed([1, 1, 2, 3, 3])
+    assert "term 9" in diverged(mirror, last_applied_lsn=5, last_applied_term=9)
+
+
+@pytest.mark.parametrize(("lsn", "term"), [(1, 1), (3, 2), (4, 3), (5, 3)])
+def test_the_same_term_at_a_held_lsn_is_accepted(lsn: int, term: int) -> None:
+    _, session, mirror = termed([1, 1, 2, 3, 3])
+    ack = mirror.hello(last_applied_lsn=lsn, last_applied_term=term)
+    assert ack == HelloAck.accept(CLUSTER)
+    assert session.state is SessionState.ESTABLISHED
+
+
+def test_the_snapshot_last_entry_term_is_checked_too() -> None:
+    _, _, mirror = termed([1, 2, 2, 4, 5, 5], compact_to=4)
+    assert "has term 4" in diverged(mirror, last_applied_lsn=4, last_applied_term=2)
+    _, _, mirror = termed([1, 2, 2, 4, 5, 5], compact_to=4)
+    ack = mirror.hello(last_applied_lsn=4, last_applied_term=4)
+    assert ack.accepted and not ack.has_snapshot
+
+
+def test_a_mirror_behind_a_compaction_is_not_diverged_whatever_its_term() -> None:
+    # The source no longer knows the term at LSN 2: the snapshot replaces what the mirror holds.
+    log, _, mirror = termed([1, 2, 2, 4, 5, 5], compact_to=4)
+    ack = mirror.hello(last_applied_lsn=2, last_applied_term=7)
+    assert ack.accepted and ack.snapshot_lsn == 4
+    assert log.snapshot is not None and ack.snapshot_bytes_total == log.snapshot.size
+
+
+@pytest.mark.parametrize("lsn", [0, 1, 3, 5])
+def test_a_hello_without_a_term_that_is_not_ahead_is_accepted(lsn: int) -> None:
+    # NodeDB's HELLO has no last_applied_term key at all: it reads as 0.
+    _, session, mirror = termed([1, 1, 2, 3, 3])
+    payload = msgpack.packb(
+        {
+            "source_cluster": CLUSTER,
+            "source_database_id": DB,
+            "last_applied_lsn": lsn,
+            "protocol_version": 1,
+        }
+    )
+    new = mirror.raw(0, bytes([0x01]) + len(payload).to_bytes(4, "big") + payload, end=True)
+    assert [frame for _, frame in new] == [HelloAck.accept(CLUSTER)]
+    assert session.state is SessionState.ESTABLISHED
+
+
+def test_a_term_at_lsn_zero_is_never_diverged() -> None:
+    _, _, mirror = termed([1, 2])
+    assert mirror.hello(last_applied_lsn=0, last_applied_term=9).accepted
 
 
 def test_hello_split_across_feeds() -> None:
@@ -304,11 +415,11 @@ def test_no_data_on_the_handshake_stream_after_the_ack_ended_it(
 
 def test_peer_chosen_long_names_still_yield_an_ack_that_encodes() -> None:
     for cluster, database in [
-        ("c" * 4000, DB),
-        (CLUSTER, "d" * 4000),
-        ("\x00" * 4000, DB),  # repr quadruples each character
-        ("€" * 1300, DB),  # three UTF-8 bytes per character
-        (CLUSTER, "€" * 1300),
+        ("c" * 3980, DB),
+        (CLUSTER, "d" * 3980),
+        ("\x00" * 3980, DB),  # repr quadruples each character
+        ("€" * 1290, DB),  # three UTF-8 bytes per character
+        (CLUSTER, "€" * 1290),
     ]:
         _, session, mirror = make(1)
         hello = encode_frame(Hello(cluster, database))
@@ -909,6 +1020,7 @@ def test_subscriptions_reconstruct_the_log_exactly(
 
     if initial_compact is not None:
         compact(initial_compact)
+    last_applied = min(last_applied, log.last_lsn)  # ahead of the log is DIVERGED
     ack = mirror.hello(last_applied_lsn=last_applied)
     assert ack.accepted
     if last_applied < log.first_lsn - 1:

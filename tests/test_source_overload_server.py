@@ -1,0 +1,228 @@
+"""OVERLOADED on real QUIC (PROTOCOL.md 4 and 5.3): stalled subscribers shed, the
+connection limit, the server-wide budget, and healthy mirrors served meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.quic.events import ConnectionTerminated
+
+from mirror_actors.errors import ErrorCode
+from mirror_actors.pki import DevPki
+from mirror_actors.protocol import (
+    Ack,
+    Entries,
+    Error,
+    Hello,
+    SnapshotChunk,
+    Subscribe,
+    encode_payload,
+)
+from mirror_actors.source_server import ServerLoad
+from mirror_actors.source_session import SourceSettings
+from tests.rawclient import END, RawClient
+from tests.test_source_server import CLUSTER, accepted, handshake, make_server, mirror
+
+ENTRY = 1000
+WAIT = 15.0
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Wait for a condition the server reports (asked off the test's loop), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(predicate)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def subscribe(client: RawClient, from_lsn: int = 1) -> int:
+    await accepted(client)
+    stream = client.open_stream()
+    client.send(stream, Subscribe(from_lsn))
+    return stream
+
+
+async def consume_acking(client: RawClient, stream: int, upto_lsn: int) -> list[Any]:
+    """A healthy mirror: ACK every frame with its payload bytes, until ``upto_lsn``."""
+    entries: list[Any] = []
+    while not entries or entries[-1].lsn < upto_lsn:
+        frame = await client.recv(stream, timeout=WAIT)
+        assert isinstance(frame, Entries | SnapshotChunk), frame
+        if isinstance(frame, Entries):
+            entries.extend(frame.entries)
+        client.send(stream, Ack(entries[-1].lsn if entries else 0, len(encode_payload(frame))))
+    return entries
+
+
+async def shed_with_overloaded(client: RawClient, stream: int) -> tuple[Any, Any]:
+    """Read what the source sends (never ACK): ERROR{0x08} on the stream, then the close."""
+    error = None
+    while True:
+        item = await client.recv(stream, timeout=WAIT)
+        if isinstance(item, Error):
+            error = item
+        elif isinstance(item, ConnectionTerminated) or item is END:
+            break
+    return error, await client.closed(WAIT)
+
+
+def test_stalled_subscribers_are_shed_and_a_healthy_mirror_gets_everything(pki: DevPki) -> None:
+    # A stall timeout short enough for a test, long enough that the healthy mirror's
+    # ACKs (on a loaded machine, beside eight other clients) always come in time.
+    settings = SourceSettings(flow_control_cap=16 * 1024, batch_bytes=4096, stall_timeout=1.0)
+    with make_server(pki, settings=settings) as source:
+        for i in range(300):
+            source.append("orders", bytes([i % 256]) * ENTRY)
+
+        async def stalled() -> tuple[Any, Any, float]:
+            async with mirror(source, pki) as client:
+                stream = await subscribe(client)
+                started = time.monotonic()
+                error, closed = await shed_with_overloaded(client, stream)
+                return error, closed, time.monotonic() - started
+
+        all_shed = asyncio.Event()
+
+        async def healthy() -> tuple[list[Any], bool]:
+            async with mirror(source, pki) as client:
+                stream = await subscribe(client)
+                entries = await consume_acking(client, stream, 300)
+                # Keep replicating while the stalled ones are shed: every append
+                # arrives at once, whatever the eight are doing.
+                lsn = 300
+                while not all_shed.is_set():
+                    lsn = await asyncio.to_thread(source.append, "orders", b"late%d" % lsn)
+                    entries += await consume_acking(client, stream, lsn)
+                return entries, client.terminated.done()
+
+        async def shed_all() -> list[Any]:
+            try:
+                return list(await asyncio.gather(*(stalled() for _ in range(8))))
+            finally:
+                all_shed.set()
+
+        async def scenario() -> tuple[list[Any], Any]:
+            return await asyncio.gather(shed_all(), healthy())
+
+        outcomes, (entries, healthy_closed) = run(scenario())
+        load = source.load()
+    for error, closed, took in outcomes:
+        assert closed.error_code == ErrorCode.OVERLOADED
+        assert closed.frame_type is None, "an application close"
+        assert "stalled" in closed.reason_phrase
+        assert isinstance(error, Error) and error.code == ErrorCode.OVERLOADED
+        # Shed after the stall timeout, noticed within a tick or so.
+        assert 1.0 <= took < 10.0
+    assert [e.lsn for e in entries] == list(range(1, len(entries) + 1))
+    assert len(entries) > 300 + 8, "it kept replicating while the eight were shed"
+    assert not healthy_closed
+    assert load.in_flight <= settings.flow_control_cap + 8192
+
+
+def test_a_connection_past_max_connections_is_refused_with_overloaded(pki: DevPki) -> None:
+    with make_server(pki, settings=SourceSettings(max_connections=2)) as source:
+
+        async def scenario() -> tuple[Any, Any, Any, ServerLoad]:
+            async with mirror(source, pki) as first, mirror(source, pki) as second:
+                await accepted(first)
+                await accepted(second)
+                async with mirror(source, pki) as third:
+                    ack = await handshake(third, Hello(CLUSTER, "orders"))
+                    closed = await third.closed()
+                load = await asyncio.to_thread(source.load)
+            # Both ended: the slots come back, and a new mirror is admitted.
+            await until(lambda: source.load().connections == 0, "the slots to free")
+            async with mirror(source, pki) as fourth:
+                later = await handshake(fourth, Hello(CLUSTER, "orders"))
+            return ack, closed, later, load
+
+        ack, closed, later, load = run(scenario())
+    assert not ack.accepted and ack.error_code == ErrorCode.OVERLOADED
+    assert "at most 2 mirror connections" in ack.error_detail
+    assert closed.error_code == ErrorCode.OVERLOADED and closed.frame_type is None
+    assert load.connections == 2
+    assert later.accepted
+
+
+def test_the_global_budget_holds_and_stalled_connections_cannot_pin_it(pki: DevPki) -> None:
+    budget = 48 * 1024
+    frame = 4096 + 512  # the largest ENTRIES payload with batch_bytes 4096
+    settings = SourceSettings(
+        flow_control_cap=1 << 20,  # far above the budget: only the budget stops them
+        batch_bytes=4096,
+        max_buffered_bytes=budget,
+        stall_timeout=1.0,
+    )
+    stalled_count = 6
+    with make_server(pki, settings=settings) as source:
+        for i in range(400):
+            source.append("orders", bytes([i % 256]) * ENTRY)
+
+        async def scenario() -> tuple[list[ServerLoad], list[Any], list[Any]]:
+            contexts = [mirror(source, pki) for _ in range(stalled_count)]
+            clients = [await c.__aenter__() for c in contexts]
+            try:
+                streams = [await subscribe(c) for c in clients]
+                # All of them together have reached the budget and wait for it.
+                pinned = await until(
+                    lambda: (load := source.load()).in_flight >= budget and load, "the budget"
+                )
+                infos = await asyncio.to_thread(source.connections)
+                samples = [pinned]
+                async with mirror(source, pki) as good:
+                    good_stream = await subscribe(good)
+                    samples.append(await asyncio.to_thread(source.load))
+                    # The stalled ones are shed after their stall timeout; then the good
+                    # mirror gets the budget and everything.
+                    entries = await consume_acking(good, good_stream, 400)
+                    samples.append(await asyncio.to_thread(source.load))
+                closes = [
+                    await shed_with_overloaded(c, s) for c, s in zip(clients, streams, strict=True)
+                ]
+                return samples, closes, [entries, infos]
+            finally:
+                for context in contexts:
+                    await context.__aexit__(None, None, None)
+
+        samples, closes, (entries, infos) = run(scenario())
+    for load in samples:
+        assert load.in_flight <= budget + frame * (stalled_count + 1)
+    # Tighter than the protocol needs: one frame over the budget at most, in all.
+    assert samples[0].in_flight < budget + frame
+    assert sum(i.in_flight for i in infos) < budget + frame
+    assert all(not i.paused for i in infos), "the budget stopped them, not their caps"
+    assert all(closed.error_code == ErrorCode.OVERLOADED for _, closed in closes)
+    assert all("in-flight budget" in closed.reason_phrase for _, closed in closes)
+    assert [e.lsn for e in entries] == list(range(1, 401))
+
+
+def test_healthy_mirrors_share_a_tight_budget_without_starving(pki: DevPki) -> None:
+    settings = SourceSettings(batch_bytes=4096, max_buffered_bytes=16 * 1024, stall_timeout=30)
+    with make_server(pki, settings=settings) as source:
+        for i in range(300):
+            source.append("orders", bytes([i % 256]) * ENTRY)
+
+        async def one() -> list[Any]:
+            async with mirror(source, pki) as client:
+                stream = await subscribe(client)
+                return await consume_acking(client, stream, 300)
+
+        async def scenario() -> list[list[Any]]:
+            return list(await asyncio.gather(*(one() for _ in range(5))))
+
+        results = run(scenario())
+        load = source.load()
+    for entries in results:
+        assert [e.lsn for e in entries] == list(range(1, 301))
+    assert load == ServerLoad(0, 0, 0) or load.waiting == 0
