@@ -50,7 +50,7 @@ from .link_state import LinkStatus
 from .protocol import SnapshotChunk, Subscribe
 from .replica_store import MemoryReplicaStore, ReplicaStore
 from .replication import Commit, InstallSnapshot, ReplicationCursor, ReplicationError, ResetReplica
-from .snapshot_spool import StoreFailure
+from .snapshot_spool import FileSpool, SnapshotSpool, StoreFailure
 from .stream import Delivery, LinkStream
 
 OnDivergence = Literal["escalate", "resync"]
@@ -152,12 +152,16 @@ class MirrorDatabase(Supervisor):
         self.config = config
         self.on_divergence = on_divergence
         self.store: ReplicaStore = store if store is not None else MemoryReplicaStore()
-        self._spool = self.store.snapshot_spool()
+        # Stores written against the protocol before terms and spools still work:
+        # their term reads as unknown (0) and snapshots spool to a temporary file.
+        spool_factory = getattr(self.store, "snapshot_spool", None)
+        self._spool: SnapshotSpool = spool_factory() if spool_factory else FileSpool()
+        term_of = getattr(self.store, "last_applied_term", None)
         self._cursor = ReplicationCursor(
             config.source_cluster_id,
             config.source_database_id,
             self.store.last_applied_lsn(),
-            self.store.last_applied_term(),
+            int(term_of()) if term_of else 0,
             spool=self._spool,
             max_snapshot_bytes=config.max_snapshot_bytes,
         )

@@ -12,12 +12,15 @@ from mirror_actors.errors import (
     ClusterIdMismatch,
     ErrorCode,
     HandshakeTimeout,
+    HistoryDiverged,
     LinkNotConnected,
     MalformedFrame,
     MirrorError,
     MirrorPromoted,
     ObserverRoleViolation,
     ProtocolVersionMismatch,
+    SnapshotTooLarge,
+    SourceOverloaded,
     SourceShutdown,
     TlsVerificationError,
     TransportError,
@@ -35,6 +38,9 @@ SAMPLES: list[tuple[MirrorError, bool, ErrorCode | None]] = [
     (MirrorPromoted("operator promoted it"), True, None),
     (MalformedFrame("bad bytes"), False, ErrorCode.MALFORMED),
     (SourceShutdown("stopping"), False, ErrorCode.SOURCE_SHUTDOWN),
+    (HistoryDiverged("ahead of the log", lsn=100, mirror_term=1), True, ErrorCode.DIVERGED),
+    (SourceOverloaded("stalled"), False, ErrorCode.OVERLOADED),
+    (SnapshotTooLarge(10 << 30, 1 << 30), True, None),
     (HandshakeTimeout(2.5, "127.0.0.1:4433"), False, None),
     (TransportError("connection lost", quic_error_code=0x1A), False, None),
     (LinkNotConnected("send Connect"), False, None),
@@ -51,6 +57,8 @@ def test_error_code_values_match_section_4() -> None:
         "UNKNOWN_DATABASE": 0x04,
         "MALFORMED": 0x05,
         "SOURCE_SHUTDOWN": 0x06,
+        "DIVERGED": 0x07,
+        "OVERLOADED": 0x08,
     }
 
 
@@ -86,6 +94,7 @@ def test_hard_codes_are_exactly_the_configuration_errors() -> None:
         ErrorCode.OBSERVER_ONLY,
         ErrorCode.BAD_VERSION,
         ErrorCode.UNKNOWN_DATABASE,
+        ErrorCode.DIVERGED,
     }
 
 
@@ -124,6 +133,8 @@ def test_messages_carry_their_details() -> None:
         (ErrorCode.UNKNOWN_DATABASE, UnknownDatabase),
         (ErrorCode.MALFORMED, MalformedFrame),
         (ErrorCode.SOURCE_SHUTDOWN, SourceShutdown),
+        (ErrorCode.DIVERGED, HistoryDiverged),
+        (ErrorCode.OVERLOADED, SourceOverloaded),
     ],
 )
 def test_error_for_code_maps_each_code(code: ErrorCode, cls: type[MirrorError]) -> None:
@@ -162,7 +173,7 @@ def test_code_none_is_a_clean_close_by_the_source() -> None:
     assert "closed the connection: bye" in str(error)
 
 
-@given(st.integers(7, 2**62), st.text(max_size=20))
+@given(st.integers(9, 2**62), st.text(max_size=20))
 def test_unknown_codes_are_transport_errors(code: int, detail: str) -> None:
     error = error_for_code(code, detail)
     assert type(error) is TransportError

@@ -17,6 +17,7 @@ from mirror_actors.protocol import Entry, Frame
 from mirror_actors.replica import MirrorDatabase
 from mirror_actors.replica_store import MemoryReplicaStore, ReplicaStore, SqliteReplicaStore
 from mirror_actors.replication import Commit, ReplicationCursor
+from mirror_actors.snapshot_spool import SnapshotSpool
 
 from ..baselines import BareLoop, bare_replicate
 from ..common import CLUSTER, Target
@@ -37,6 +38,12 @@ class _TimedStore:
 
     def last_applied_lsn(self) -> int:
         return self.inner.last_applied_lsn()
+
+    def last_applied_term(self) -> int:
+        return self.inner.last_applied_term()
+
+    def snapshot_spool(self) -> SnapshotSpool:
+        return self.inner.snapshot_spool()
 
     def commit(self, commits: Sequence[Commit]) -> None:
         self.inner.commit(commits)
