@@ -1,20 +1,101 @@
-"""The ``mirror-actors`` command: dev certificates and a demo source."""
+"""The ``mirror-actors`` command: dev certificates, a demo source, one mirror, topology runs.
+
+Every argument is checked before anything starts (ports, rates, ids, timeouts,
+the log level, and every file: certificates and keys are loaded, stores are
+opened).  Bad input is one line on stderr naming the argument or file, what is
+wrong and what was expected, and exit code 2; never a traceback.
+
+Exit codes:
+
+- 0: done (``run``: every mirror equals its source, as the file expects)
+- 1: ``run`` only: not verified, or interrupted
+- 2: bad command line or file
+- 3: a link escalated (a hard error that no retry fixes): ``mirror`` always,
+  ``run`` when the topology's ``[expect] escalations`` does not list the link
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from loguru import logger
 
-from .pki import generate_dev_pki
-from .source_server import SourceServer
+from .errors import (
+    ClusterIdMismatch,
+    HistoryDiverged,
+    MirrorError,
+    SnapshotTooLarge,
+    TlsVerificationError,
+    UnknownDatabase,
+)
+from .link_config import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KEEPALIVE_INTERVAL,
+)
+from .logging_bridge import install_logging_bridge
+from .pki import generate_dev_pki, validate_dns_name
+from .source_server import SourceConfigError, SourceServer
+from .store import SourceStore
+from .topology import ON_DIVERGENCE, identifier_problem
+
+PROG = "mirror-actors"
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVEL_ENV = "MIRROR_ACTORS_LOG"
+EXIT_OK = 0
+EXIT_NOT_VERIFIED = 1
+EXIT_BAD_INPUT = 2
+EXIT_ESCALATED = 3
+EXIT_INTERRUPTED = 130
+# PEM files larger than this are not certificates or keys.
+MAX_PEM_BYTES = 1024 * 1024
+
+# Which option to look at when a link escalates with one of these.
+_ESCALATION_HINTS: tuple[tuple[type[BaseException], str], ...] = (
+    (UnknownDatabase, "options: --database"),
+    (ClusterIdMismatch, "options: --cluster-id, --host, --port"),
+    (TlsVerificationError, "options: --ca, and --cert/--key if the source wants mutual TLS"),
+    (HistoryDiverged, "option: --on-divergence resync starts the replica over"),
+    (SnapshotTooLarge, "option: --max-snapshot-bytes"),
+)
+
+
+class BadInput(Exception):
+    """Bad command-line input found after parsing: one line, exit code 2."""
+
+    def __init__(self, option: str | None, message: str) -> None:
+        self.option = option
+        super().__init__(f"argument {option}: {message}" if option else message)
+
+
+class CommandLineError(Exception):
+    """What ``_Parser.error`` raises instead of exiting: ``main`` prints it and answers 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (no usage block) and do not exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _one_line(text: object) -> str:
+    """``text`` on one line: an error message from a library may hold line breaks."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+# -- logging -------------------------------------------------------------------------------
 
 
 def _format(record: Any) -> str:
@@ -40,16 +121,229 @@ def configure_logging(level: str) -> None:
     logger.add(sys.stderr, level=level.upper(), format=_format)
 
 
+# -- argument types (argparse turns ArgumentTypeError into "argument X: message") ----------
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"expected a log level, one of {', '.join(LOG_LEVELS)} (any case), got {text!r}"
+        )
+    return level
+
+
+def _identifier(text: str) -> str:
+    problem = identifier_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(
+            f"expected an id without whitespace or control characters, got {text!r} ({problem})"
+        )
+    return text
+
+
+def _dns_name(text: str) -> str:
+    try:
+        return validate_dns_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _host(text: str) -> str:
+    if not text or any(c.isspace() for c in text) or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"expected a host name or IP address, got {text!r}")
+    return text
+
+
+def _port(lowest: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            port = int(text, 10)
+        except ValueError:
+            port = -1
+        if not lowest <= port <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"expected a UDP port {lowest}..65535{what}, got {text!r}"
+            )
+        return port
+
+    return parse
+
+
+_listen_port = _port(0, " (0: any free port)")
+_dial_port = _port(1, "")
+
+
+def _number(text: str, *, minimum: float, inclusive: bool, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise argparse.ArgumentTypeError(f"expected {what} {bound}, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    return _number(text, minimum=0.0, inclusive=True, what="entries per second, a finite number")
+
+
+def _seconds(text: str) -> float:
+    return _number(text, minimum=0.0, inclusive=False, what="seconds, a finite number")
+
+
+def _seconds_or_zero(text: str) -> float:
+    return _number(text, minimum=0.0, inclusive=True, what="seconds, a finite number")
+
+
+def _byte_count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes >= 1, got {text!r}")
+    return value
+
+
+def _read_pem(text: str) -> bytes:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got ''")
+    try:
+        with open(text, "rb") as handle:
+            data = handle.read(MAX_PEM_BYTES + 1)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{text}: no such file") from None
+    except IsADirectoryError:
+        raise argparse.ArgumentTypeError(f"{text} is a directory, expected a PEM file") from None
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {error.strerror or error}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{text} is larger than {MAX_PEM_BYTES} bytes: not a PEM file"
+        )
+    return data
+
+
+def _load_certificates(text: str) -> list[x509.Certificate]:
+    data = _read_pem(text)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a PEM certificate file (expected '-----BEGIN CERTIFICATE-----')"
+        )
+    return certificates
+
+
+def _load_private_key(text: str) -> Any:
+    data = _read_pem(text)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text} is an encrypted private key; give an unencrypted PEM key"
+        ) from None
+    except Exception:
+        # cryptography raises ValueError, or UnsupportedAlgorithm for key types it lacks.
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a PEM private key (expected '-----BEGIN ... PRIVATE KEY-----')"
+        ) from None
+
+
+def _certificate_file(text: str) -> str:
+    _load_certificates(text)
+    return text
+
+
+def _private_key_file(text: str) -> str:
+    _load_private_key(text)
+    return text
+
+
+def _check_key_pair(cert: str, key: str, cert_option: str, key_option: str) -> None:
+    """The key must be the certificate's: aioquic would only notice at the first handshake."""
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    certificate_key = _load_certificates(cert)[0].public_key().public_bytes(der, spki)
+    if _load_private_key(key).public_key().public_bytes(der, spki) != certificate_key:
+        raise BadInput(
+            key_option, f"{key} is not the private key of the certificate in {cert} ({cert_option})"
+        )
+
+
+def _store_file(text: str) -> str:
+    """An SQLite file to open (or create): its directory must exist; if it exists, a file."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got ''")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, expected an SQLite file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"directory {folder} does not exist (the file is created if missing, its directory is not)"
+        )
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot read and write {text}: permission denied")
+    if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(
+            f"cannot create {text}: directory {folder} is not writable"
+        )
+    return text
+
+
+def _output_folder(text: str) -> Path:
+    path = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory name, got ''")
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return path
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
 def _certs(args: argparse.Namespace) -> int:
-    pki = generate_dev_pki(args.out, args.cluster, mirror_name=args.mirror_name)
+    try:
+        pki = generate_dev_pki(args.out, args.cluster, mirror_name=args.mirror_name)
+    except OSError as error:
+        raise BadInput(
+            "--out", f"cannot write into {args.out}: {error.strerror or error}"
+        ) from None
     print(f"CA:      {pki.ca.cert}")
     for cluster_id, pair in pki.sources.items():
         print(f"source {cluster_id}: {pair.cert} (key {pair.key})")
     print(f"mirror:  {pki.mirror.cert} (key {pki.mirror.key})")
-    return 0
+    return EXIT_OK
+
+
+_SOURCE_SETTINGS = {"certfile": "--cert", "keyfile": "--key", "client_ca_file": "--client-ca"}
 
 
 def _source(args: argparse.Namespace) -> int:
+    duplicates = sorted({d for d in args.database if args.database.count(d) > 1})
+    if duplicates:
+        raise BadInput("--database", f"each database once; repeated: {', '.join(duplicates)}")
+    _check_key_pair(args.cert, args.key, "--cert", "--key")
+    store: SourceStore | None = None
+    if args.store is not None:
+        try:
+            store = SourceStore(args.database, path=args.store)
+        except (ValueError, OSError, sqlite3.Error) as error:  # SourceStoreError is a ValueError
+            raise BadInput("--store", str(error)) from None
+    try:
+        return _serve(args, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _serve(args: argparse.Namespace, store: SourceStore | None) -> int:
     server = SourceServer(
         args.cluster_id,
         args.database,
@@ -58,14 +352,27 @@ def _source(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         client_ca_file=args.client_ca,
+        store=store,
     )
     stop = _stop_on_sigterm()
-    with server:
+    try:
+        server.start()
+    except SourceConfigError as error:
+        raise BadInput(_SOURCE_SETTINGS.get(error.setting), str(error)) from None
+    except (OSError, OverflowError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise BadInput(
+            "--host/--port", f"cannot listen on {args.host}:{args.port}: {reason}"
+        ) from None
+    try:
         print(
             f"source {args.cluster_id} serving {', '.join(args.database)} on {args.host}:{server.port}",
             flush=True,
         )
-        count = 0
+        if store is not None:
+            logger.info("the log is kept in {}", args.store)
+        # Demo entries go on from where a kept log ends.
+        count = max(server.store[database].last_lsn for database in args.database)
 
         def append_demo_entries() -> None:
             nonlocal count
@@ -74,7 +381,9 @@ def _source(args: argparse.Namespace) -> int:
                 server.append(database_id, f"demo entry {count}".encode())
 
         _wait_for(stop, 1.0 / args.rate if args.rate > 0 else None, append_demo_entries)
-    return 0
+    finally:
+        server.stop()
+    return EXIT_OK
 
 
 def _stop_on_sigterm() -> threading.Event:
@@ -88,7 +397,7 @@ def _wait_for(
     period: float | None = None,
     every_period: Callable[[], None] | None = None,
 ) -> None:
-    """Wait for ``stop`` (SIGTERM) or Ctrl-C, calling ``every_period`` meanwhile."""
+    """Wait for ``stop`` (SIGTERM, or an escalation) or Ctrl-C, calling ``every_period`` meanwhile."""
     try:
         while not stop.wait(period):
             if every_period is not None:
@@ -97,34 +406,89 @@ def _wait_for(
         pass
 
 
+def _link_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The LinkConfig keywords the link options give, checked together."""
+    options: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in ("handshake_timeout", "keepalive_interval", "idle_timeout")
+        if getattr(args, name) is not None
+    }
+    keepalive = options.get("keepalive_interval", DEFAULT_KEEPALIVE_INTERVAL)
+    idle = options.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    if keepalive >= idle:
+        option = "--keepalive-interval" if "keepalive_interval" in options else "--idle-timeout"
+        raise BadInput(
+            option,
+            f"expected --keepalive-interval ({keepalive:g} s) shorter than --idle-timeout "
+            f"({idle:g} s), or a live source would time out",
+        )
+    if args.max_snapshot_bytes is not None:
+        options["max_snapshot_bytes"] = args.max_snapshot_bytes
+    return options
+
+
+def _escalation_line(link: str, cause: BaseException) -> str:
+    hint = next((h for kind, h in _ESCALATION_HINTS if isinstance(cause, kind)), "")
+    text = str(cause) or type(cause).__name__
+    return _one_line(
+        f"{PROG} mirror: {link} escalated (not retried): {text}" + (f" [{hint}]" if hint else "")
+    )
+
+
 def _mirror(args: argparse.Namespace) -> int:
     from .link_config import LinkConfig
     from .replica import MirrorDatabase
     from .replica_store import SqliteReplicaStore
 
-    config = LinkConfig(
-        args.cluster_id,
-        args.database,
-        ca_file=args.ca,
-        host=args.host,
-        port=args.port,
-        client_cert_file=args.cert,
-        client_key_file=args.key,
-    )
-    store = SqliteReplicaStore(args.store, config.name)
+    if (args.cert is None) != (args.key is None):
+        raise BadInput(
+            "--cert" if args.cert is None else "--key",
+            "--cert and --key go together: give both or neither",
+        )
+    if args.cert is not None:
+        _check_key_pair(args.cert, args.key, "--cert", "--key")
+    options = _link_options(args)
+    try:
+        config = LinkConfig(
+            args.cluster_id,
+            args.database,
+            ca_file=args.ca,
+            host=args.host,
+            port=args.port,
+            client_cert_file=args.cert,
+            client_key_file=args.key,
+            **options,
+        )
+    except ValueError as error:
+        raise BadInput(None, f"bad link configuration: {error}") from None
+    try:
+        store = SqliteReplicaStore(args.store, config.name)
+    except (MirrorError, sqlite3.Error, OSError) as error:
+        # StoreMismatch and StoreUnusable (another link's file, not SQLite), StoreFailure.
+        raise BadInput("--store", str(error)) from None
     print(f"mirror of {config.name} from {args.host}:{args.port} into {args.store}", flush=True)
     stop = _stop_on_sigterm()
+    escalations: list[BaseException] = []
 
     def escalated(event: Any) -> None:
-        print(f"escalated (not retried): {event.root_cause}", flush=True)
+        escalations.append(event.root_cause)
         stop.set()
 
-    replica = MirrorDatabase.start(config, store, on_escalation=escalated)
+    try:
+        replica = MirrorDatabase.start(
+            config, store, on_escalation=escalated, on_divergence=args.on_divergence
+        )
+    except BaseException:
+        store.close()
+        raise
     try:
         _wait_for(stop)
     finally:
         replica.stop()
-    return 0
+    if escalations:
+        print(_escalation_line(config.name, escalations[0]), file=sys.stderr, flush=True)
+        return EXIT_ESCALATED
+    return EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -149,75 +513,243 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         run.stop()
     print_summary(summary, args.json)
+    for link in summary.unexpected_escalations:
+        print(
+            _one_line(
+                f"{PROG} run: {link.name} escalated, and [expect] escalations does not list it: "
+                f"{link.error or 'no error recorded'}"
+            ),
+            file=sys.stderr,
+        )
     leftovers = [
         t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
     ]
     if leftovers:
         print(f"warning: threads still running after the run: {leftovers}", file=sys.stderr)
-    return 0 if summary.verified and not summary.interrupted else 1
+    if summary.unexpected_escalations:
+        return EXIT_ESCALATED
+    return EXIT_OK if summary.verified and not summary.interrupted else EXIT_NOT_VERIFIED
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+_EXIT_CODES = """exit codes:
+  0  done
+  2  bad command line or file (one line on stderr says which and what was expected)
+"""
+
+_RUN_EPILOG = """exit codes:
+  0  verified: every mirror equals its source, and exactly the links in the
+     file's [expect] escalations escalated
+  1  not verified (a mirror differs, an expected escalation did not happen),
+     or interrupted
+  2  bad command line or topology file
+  3  a link escalated that [expect] escalations does not list (the summary and
+     stderr name the link and its error); an expected escalation, as in
+     examples/wrong_cluster_id.toml, keeps the verification's exit code
+"""
+
+_MIRROR_EPILOG = """exit codes:
+  0  stopped by Ctrl-C or SIGTERM, cleanly
+  2  bad command line, certificate, key or store file (another link's file,
+     not SQLite)
+  3  the link escalated: a hard error no retry can fix (wrong cluster id,
+     unknown database, untrusted certificate, ...); one line on stderr names
+     the link and the cause
+"""
+
+
+def _add_link_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        metavar="S",
+        help=f"seconds for dial, TLS and HELLO (default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--keepalive-interval",
+        type=_seconds,
+        metavar="S",
+        help=f"seconds between QUIC PINGs, shorter than --idle-timeout (default {DEFAULT_KEEPALIVE_INTERVAL:g})",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        metavar="S",
+        help=f"seconds of silence after which the source counts as lost (default {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-snapshot-bytes",
+        type=_byte_count,
+        metavar="N",
+        help="refuse a snapshot larger than this (a hard error; default: no limit)",
+    )
+    parser.add_argument(
+        "--on-divergence",
+        choices=ON_DIVERGENCE,
+        default="escalate",
+        help="when the source's history is not the replica's: escalate (default; exit 3), "
+        "or resync (drop the replica's contents and start over from the source)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mirror-actors", description="Supervised QUIC links from database mirrors to sources."
+    """The command line; its ``error()`` raises ``CommandLineError`` (``main`` answers 2)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG,
+        description="Supervised QUIC links from database mirrors to sources.",
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
     )
-    parser.add_argument("--log-level", default=os.environ.get("MIRROR_ACTORS_LOG", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        help=f"{', '.join(LOG_LEVELS)}, any case (default: ${LOG_LEVEL_ENV}, or INFO)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    certs = commands.add_parser("certs", help="write a dev CA, source and mirror certificates")
-    certs.add_argument("--out", type=Path, required=True, help="directory to write into")
-    certs.add_argument(
-        "--cluster", action="append", required=True, help="a source cluster id (repeatable)"
+    certs = commands.add_parser(
+        "certs",
+        help="write a dev CA, source and mirror certificates",
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
     )
-    certs.add_argument("--mirror-name", default="mirror", help="DNS name of the mirror certificate")
+    certs.add_argument("--out", type=_output_folder, required=True, help="directory to write into")
+    certs.add_argument(
+        "--cluster",
+        action="append",
+        type=_dns_name,
+        required=True,
+        help="a source cluster id, a DNS name (repeatable)",
+    )
+    certs.add_argument(
+        "--mirror-name", type=_dns_name, default="mirror", help="DNS name of the mirror certificate"
+    )
     certs.set_defaults(run=_certs)
 
-    source = commands.add_parser("source", help="serve a source cluster's mirror listener")
-    source.add_argument("--cluster-id", required=True)
-    source.add_argument(
-        "--database", action="append", required=True, help="a database id (repeatable)"
+    source = commands.add_parser(
+        "source",
+        help="serve a source cluster's mirror listener",
+        epilog=_EXIT_CODES,
+        formatter_class=formatter,
     )
-    source.add_argument("--host", default="127.0.0.1")
-    source.add_argument("--port", type=int, default=4433)
-    source.add_argument("--cert", required=True, help="the source certificate (PEM)")
-    source.add_argument("--key", required=True, help="its private key (PEM)")
-    source.add_argument("--client-ca", help="require mirror client certificates from this CA")
+    source.add_argument("--cluster-id", type=_identifier, required=True)
     source.add_argument(
-        "--rate", type=float, default=0.0, help="append this many demo entries per second"
+        "--database",
+        action="append",
+        type=_identifier,
+        required=True,
+        help="a database id (repeatable)",
+    )
+    source.add_argument("--host", type=_host, default="127.0.0.1")
+    source.add_argument(
+        "--port", type=_listen_port, default=4433, help="UDP port, 0 for any free one"
+    )
+    source.add_argument(
+        "--cert", type=_certificate_file, required=True, help="the source certificate (PEM)"
+    )
+    source.add_argument(
+        "--key", type=_private_key_file, required=True, help="its private key (PEM)"
+    )
+    source.add_argument(
+        "--client-ca",
+        type=_certificate_file,
+        help="require mirror client certificates from this CA",
+    )
+    source.add_argument(
+        "--rate", type=_rate, default=0.0, help="append this many demo entries per second"
+    )
+    source.add_argument(
+        "--store",
+        type=_store_file,
+        metavar="FILE",
+        help="keep the log in this SQLite file (created if missing; default: in memory)",
     )
     source.set_defaults(run=_source)
 
-    mirror = commands.add_parser("mirror", help="follow one source database into an SQLite file")
-    mirror.add_argument("--cluster-id", required=True)
-    mirror.add_argument("--database", required=True)
-    mirror.add_argument("--host", default="127.0.0.1")
-    mirror.add_argument("--port", type=int, default=4433)
-    mirror.add_argument("--ca", required=True, help="the CA that signed the source's certificate")
-    mirror.add_argument("--cert", help="this mirror's client certificate, for mutual TLS")
-    mirror.add_argument("--key", help="its private key")
-    mirror.add_argument("--store", required=True, help="the SQLite file (created if missing)")
+    mirror = commands.add_parser(
+        "mirror",
+        help="follow one source database into an SQLite file",
+        epilog=_MIRROR_EPILOG,
+        formatter_class=formatter,
+    )
+    mirror.add_argument("--cluster-id", type=_identifier, required=True)
+    mirror.add_argument("--database", type=_identifier, required=True)
+    mirror.add_argument("--host", type=_host, default="127.0.0.1")
+    mirror.add_argument("--port", type=_dial_port, default=4433)
+    mirror.add_argument(
+        "--ca",
+        type=_certificate_file,
+        required=True,
+        help="the CA that signed the source's certificate",
+    )
+    mirror.add_argument(
+        "--cert", type=_certificate_file, help="this mirror's client certificate, for mutual TLS"
+    )
+    mirror.add_argument("--key", type=_private_key_file, help="its private key")
+    mirror.add_argument(
+        "--store",
+        type=_store_file,
+        required=True,
+        metavar="FILE",
+        help="the SQLite file (created if missing)",
+    )
+    _add_link_options(mirror)
     mirror.set_defaults(run=_mirror)
 
-    run = commands.add_parser("run", help="run a topology file: sources, mirrors and faults")
+    run = commands.add_parser(
+        "run",
+        help="run a topology file: sources, mirrors and faults",
+        epilog=_RUN_EPILOG,
+        formatter_class=formatter,
+    )
     run.add_argument("file", help="a topology .toml file (see examples/)")
-    run.add_argument("--duration", type=float, help="seconds to run (default: the file's)")
+    run.add_argument("--duration", type=_seconds, help="seconds to run (default: the file's)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--plain", action="store_true", help="plain log lines, even on a terminal")
     run.add_argument(
-        "--verify-timeout", type=float, default=30.0, help="seconds to wait for mirrors to catch up"
+        "--verify-timeout",
+        type=_seconds_or_zero,
+        default=30.0,
+        help="seconds to wait for mirrors to catch up",
     )
     run.set_defaults(run=_run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.log_level is None:
+        from_env = os.environ.get(LOG_LEVEL_ENV, "INFO")
+        try:
+            args.log_level = _log_level(from_env)
+        except argparse.ArgumentTypeError as error:
+            raise CommandLineError(f"{PROG}: error: ${LOG_LEVEL_ENV}: {error}") from None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; bad input is one line on stderr and 2 (see the module docstring)."""
+    try:
+        args = _parse(argv)
+    except CommandLineError as error:
+        print(_one_line(error), file=sys.stderr)
+        return EXIT_BAD_INPUT
     configure_logging(args.log_level)
+    # aioquic, pykka and asyncio log through the standard library: into loguru with the rest.
+    install_logging_bridge()
     try:
         status: int = args.run(args)
+    except BadInput as error:
+        print(_one_line(f"{PROG} {args.command}: error: {error}"), file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ValueError, OSError) as error:  # TopologyError is a ValueError
-        print(f"mirror-actors {args.command}: {error}", file=sys.stderr)
-        return 2
+        print(_one_line(f"{PROG} {args.command}: error: {error}"), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return status
 
 

@@ -34,7 +34,7 @@ from supervisors import (
 from .errors import MirrorError
 from .link_config import LinkConfig
 from .pki import DevPki, generate_dev_pki
-from .replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from .replica import GetReplicaStatus, MirrorDatabase, OnDivergence, ReplicaStatus
 from .replica_store import (
     MemoryReplicaStore,
     ReplicaStore,
@@ -102,6 +102,11 @@ class RunSummary:
     def verified(self) -> bool:
         return all(link.ok for link in self.links)
 
+    @property
+    def unexpected_escalations(self) -> tuple[LinkResult, ...]:
+        """Links that escalated although ``[expect] escalations`` does not list them."""
+        return tuple(link for link in self.links if link.escalated and not link.expected_escalation)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "topology": self.topology,
@@ -109,6 +114,7 @@ class RunSummary:
             "verified": self.verified,
             "interrupted": self.interrupted,
             "escalations": list(self.escalations),
+            "unexpected_escalations": [link.name for link in self.unexpected_escalations],
             "faults_played": list(self.faults_played),
             "links": [
                 {
@@ -299,6 +305,7 @@ class TopologyRun:
             port=link.proxy.port,
             **options,
         )
+        on_divergence = cast(OnDivergence, link.mirror.on_divergence)
 
         def start(parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
             return MirrorDatabase.start(
@@ -308,6 +315,7 @@ class TopologyRun:
                 parent=parent,
                 name=link.name,
                 on_exit=lambda status: self._final_status.__setitem__(link.name, status),
+                on_divergence=on_divergence,
             )
 
         return start

@@ -123,6 +123,12 @@ def print_summary(summary: RunSummary, as_json: bool, out: TextIO = sys.stdout) 
             + (f"; {link.error[:100]}" if link.error and (link.escalated or not link.ok) else ""),
             file=out,
         )
+    for link in summary.unexpected_escalations:
+        print(
+            f"ESCALATED (not in [expect] escalations): {link.name}: "
+            f"{link.error or 'no error recorded'}",
+            file=out,
+        )
     if not summary.verified:
         print("NOT VERIFIED", file=out)
     elif summary.escalations:

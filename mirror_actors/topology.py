@@ -8,8 +8,14 @@ what was expected, and nothing starts.
 [run]
 duration = 20                      # seconds
 
+[link_defaults]                    # for every link; a link's own keys win
+handshake_timeout = 5.0            # seconds, > 0
+keepalive_interval = 1.0           # seconds, > 0, shorter than idle_timeout
+idle_timeout = 5.0                 # seconds, > 0
+max_snapshot_bytes = 67108864      # optional: refuse larger snapshots (default: no limit)
+
 [[source]]
-cluster = "us-east"
+cluster = "us-east"                # a DNS name: the dev certificate is made for it
 databases = ["orders"]
 rate = 20                          # demo entries per second, per database
 compact_every = 200                # optional: compact the log every N entries
@@ -20,6 +26,7 @@ name = "mirror-a"
 strategy = "backoff"               # built-in name, or "module:attribute"
 strategy_options = { base = 0.5 }
 store = "memory"                   # or "sqlite"
+on_divergence = "escalate"         # or "resync": start the replica over from the source
 links = [{ source = "us-east", database = "orders" }]
 
 [[fault]]
@@ -31,6 +38,19 @@ duration = 2.0
 [expect]
 escalations = []                   # links ("mirror/cluster/database") expected to escalate
 ```
+
+Ids (clusters, databases, mirror names, a link's ``cluster_id``) are
+non-empty and hold no whitespace or control characters; mirror names hold no
+``/`` either. A link table takes the ``[link_defaults]`` keys too, for that
+link alone.
+
+``mirror-actors run FILE`` exits 0 when every mirror equals its source and
+exactly the links listed in ``[expect] escalations`` escalated; 1 when the run
+was not verified (a mirror differs, an expected escalation did not happen) or
+was interrupted; 3 when a link escalated that ``[expect] escalations`` does not
+list (the summary names the link and its error); 2 when the file itself is
+wrong. An expected escalation (as in ``examples/wrong_cluster_id.toml``) is part
+of the plan, so it leaves the verification's exit code as it is.
 """
 
 from __future__ import annotations
@@ -39,6 +59,7 @@ import importlib
 import math
 import sys
 import tomllib
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +67,9 @@ from typing import Any
 from attrs import field, frozen
 
 from supervisors import JitterKind, SupervisorStrategy, as_strategy
+
+from .link_config import DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL
+from .pki import validate_dns_name
 
 FAULT_ACTIONS = (
     "stop_source",
@@ -63,7 +87,26 @@ BUILTIN_STRATEGIES: Mapping[str, JitterKind] = {
     "equal-jitter": JitterKind.EQUAL,
     "decorrelated-jitter": JitterKind.DECORRELATED,
 }
-LINK_OPTIONS = ("handshake_timeout", "keepalive_interval", "idle_timeout")
+LINK_TIMEOUTS = ("handshake_timeout", "keepalive_interval", "idle_timeout")
+LINK_OPTIONS = (*LINK_TIMEOUTS, "max_snapshot_bytes")
+ON_DIVERGENCE = ("escalate", "resync")
+DEFAULT_ON_DIVERGENCE = "escalate"
+
+
+def identifier_problem(value: str) -> str | None:
+    """What makes ``value`` unusable as a cluster, database or mirror id; None if nothing.
+
+    Ids travel in HELLO frames, log lines and link names: they must be non-empty
+    and hold no whitespace or control (or other invisible formatting) characters.
+    """
+    if not value:
+        return "it is empty"
+    for char in value:
+        if char.isspace():
+            return f"it holds whitespace ({char!r})"
+        if unicodedata.category(char).startswith("C"):
+            return f"it holds a control character ({char!r})"
+    return None
 
 
 class TopologyError(ValueError):
@@ -102,6 +145,8 @@ class MirrorSpec:
     strategy: str = "backoff"
     strategy_options: Mapping[str, Any] = field(factory=dict)
     store: str = "memory"
+    on_divergence: str = DEFAULT_ON_DIVERGENCE
+    """What a replica does when the source's history is not its own: escalate, or resync."""
 
     def link_name(self, link: LinkSpec) -> str:
         return f"{self.name}/{link.cluster_id}/{link.database}"
@@ -127,7 +172,8 @@ class Topology:
     faults: tuple[FaultSpec, ...]
     expected_escalations: frozenset[str]
     tree: str
-    link_defaults: Mapping[str, float]
+    link_defaults: Mapping[str, float | int]
+    """LinkConfig keyword arguments for every link: timeouts, ``max_snapshot_bytes``."""
     base_dir: Path
 
     def source(self, cluster: str) -> SourceSpec:
@@ -191,6 +237,36 @@ class _Table:
             raise self.error(name, f"expected a non-empty list of strings, got {value!r}")
         return tuple(value)
 
+    def identifier(self, name: str, default: Any = ...) -> Any:
+        value = self.get(name, str, default)
+        if value is default and default is not ...:
+            return value
+        problem = identifier_problem(value)
+        if problem is not None:
+            raise self.error(
+                name,
+                f"expected an id without whitespace or control characters, got {value!r} ({problem})",
+            )
+        return value
+
+    def link_options(self) -> dict[str, float | int]:
+        """The LinkConfig keys of this table: timeouts (numbers > 0), ``max_snapshot_bytes``."""
+        options: dict[str, float | int] = {}
+        for name in LINK_TIMEOUTS:
+            if name in self.data:
+                value = self.get(name, (int, float), what="a number of seconds")
+                if not (math.isfinite(value) and value > 0):
+                    raise self.error(name, f"expected a number of seconds > 0, got {value!r}")
+                options[name] = float(value)
+        if "max_snapshot_bytes" in self.data:
+            limit = self.get("max_snapshot_bytes", int, what="an integer (bytes)")
+            if limit < 1:
+                raise self.error(
+                    "max_snapshot_bytes", f"expected a positive integer (bytes), got {limit}"
+                )
+            options["max_snapshot_bytes"] = limit
+        return options
+
     def tables(self, name: str) -> list[Any]:
         value = self.get(name, list, [], what="an array of tables")
         return list(value)
@@ -242,17 +318,19 @@ def parse_topology(data: Mapping[str, Any], file: str, base_dir: Path) -> Topolo
     if len(set(clusters)) != len(clusters):
         raise TopologyError(file, "source", f"cluster ids must be unique, got {clusters}")
     defaults_table = _Table(file, "link_defaults", top.get("link_defaults", dict, {}), LINK_OPTIONS)
-    link_defaults = {k: defaults_table.number(k) for k in defaults_table.data}
+    link_defaults = defaults_table.link_options()
+    _check_keepalive(defaults_table, {}, link_defaults)
     mirrors = tuple(
         _mirror(
             _Table(
                 file,
                 f"mirror[{i}]",
                 raw,
-                ("name", "links", "strategy", "strategy_options", "store"),
+                ("name", "links", "strategy", "strategy_options", "store", "on_divergence"),
             ),
             {s.cluster: s for s in sources},
             base_dir,
+            link_defaults,
         )
         for i, raw in enumerate(top.tables("mirror"))
     )
@@ -302,7 +380,21 @@ def parse_topology(data: Mapping[str, Any], file: str, base_dir: Path) -> Topolo
 
 
 def _source(table: _Table) -> SourceSpec:
+    cluster = table.identifier("cluster")
+    try:
+        validate_dns_name(cluster, what="cluster id")
+    except ValueError as error:
+        raise table.error(
+            "cluster", f"expected a DNS name (the dev certificate's name): {error}"
+        ) from None
     databases = table.strings("databases")
+    for database in databases:
+        problem = identifier_problem(database)
+        if problem is not None:
+            raise table.error(
+                "databases",
+                f"expected ids without whitespace or control characters, got {database!r} ({problem})",
+            )
     if len(set(databases)) != len(databases):
         raise table.error("databases", f"database ids must be unique, got {list(databases)}")
     compact_every = table.get("compact_every", int, None)
@@ -312,7 +404,7 @@ def _source(table: _Table) -> SourceSpec:
     if preload < 0:
         raise table.error("preload", f"expected an integer >= 0, got {preload}")
     return SourceSpec(
-        cluster=table.get("cluster", str),
+        cluster=cluster,
         databases=databases,
         rate=table.number("rate", 0.0),
         compact_every=compact_every,
@@ -320,7 +412,12 @@ def _source(table: _Table) -> SourceSpec:
     )
 
 
-def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) -> MirrorSpec:
+def _mirror(
+    table: _Table,
+    sources: Mapping[str, SourceSpec],
+    base_dir: Path,
+    link_defaults: Mapping[str, float | int],
+) -> MirrorSpec:
     links: list[LinkSpec] = []
     raw_links = table.get("links", list, what="a list of {source, database} tables")
     if not raw_links:
@@ -337,8 +434,8 @@ def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) ->
             raise link.error(
                 "source", f"no [[source]] with cluster {source!r}; declared: {sorted(sources)}"
             )
-        database = link.get("database", str)
-        cluster_id = link.get("cluster_id", str, source)
+        database = link.identifier("database")
+        cluster_id = link.identifier("cluster_id", source)
         if any((seen.cluster_id, seen.database) == (cluster_id, database) for seen in links):
             raise TopologyError(
                 table.file,
@@ -350,13 +447,15 @@ def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) ->
                 "database",
                 f"source {source!r} holds {list(sources[source].databases)}, not {database!r}",
             )
+        own_options = link.link_options()
+        _check_keepalive(link, link_defaults, own_options)
         links.append(
             LinkSpec(
                 source=source,
                 database=database,
                 cluster_id=cluster_id,
                 options={
-                    **{k: link.number(k) for k in LINK_OPTIONS if k in link.data},
+                    **own_options,
                     **(
                         {"server_name": link.get("server_name", str)}
                         if "server_name" in link.data
@@ -372,15 +471,37 @@ def _mirror(table: _Table, sources: Mapping[str, SourceSpec], base_dir: Path) ->
     except Exception as error:  # whatever the user's module raises, report it here
         raise table.error("strategy", f"cannot build strategy {strategy!r}: {error}") from None
     name = table.get("name", str)
-    if not name or "/" in name:
-        raise table.error("name", f"expected a non-empty name without '/', got {name!r}")
+    if not name or "/" in name or identifier_problem(name) is not None:
+        raise table.error(
+            "name",
+            f"expected a non-empty name without '/', whitespace or control characters, got {name!r}",
+        )
     return MirrorSpec(
         name=name,
         links=tuple(links),
         strategy=strategy,
         strategy_options=options,
         store=table.choice("store", STORES, "memory"),
+        on_divergence=table.choice("on_divergence", ON_DIVERGENCE, DEFAULT_ON_DIVERGENCE),
     )
+
+
+def _check_keepalive(
+    table: _Table, defaults: Mapping[str, float | int], own: Mapping[str, float | int]
+) -> None:
+    """keepalive_interval < idle_timeout, with what this table sets over what it inherits."""
+    if not any(k in own for k in ("keepalive_interval", "idle_timeout")):
+        return
+    merged = {**defaults, **own}
+    keepalive = merged.get("keepalive_interval", DEFAULT_KEEPALIVE_INTERVAL)
+    idle = merged.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    if keepalive >= idle:
+        key = "keepalive_interval" if "keepalive_interval" in own else "idle_timeout"
+        raise table.error(
+            key,
+            f"expected keepalive_interval shorter than idle_timeout, got {keepalive:g} s and "
+            f"{idle:g} s (a live source would time out)",
+        )
 
 
 def _fault(table: _Table, clusters: list[str], link_names: set[str]) -> FaultSpec:

@@ -6,12 +6,16 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
+import time
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mirror_actors.runner import RunSummary, TopologyRun
-from mirror_actors.topology import load_topology
+from mirror_actors.topology import load_topology, parse_topology
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -162,3 +166,130 @@ def test_ctrl_c_on_run_still_prints_the_summary_and_leaves_nothing_running() -> 
     assert process.returncode == 1, err
     assert "(interrupted)" in out and "mirror/us-east/orders" in out
     assert "threads still running" not in err
+
+
+MISCONFIGURED = """
+[run]
+description = "one link claims the wrong cluster id and nothing expects it"
+duration = 1
+
+[[source]]
+cluster = "us-east"
+databases = ["orders"]
+rate = 20
+
+[[mirror]]
+name = "m"
+links = [
+  { source = "us-east", database = "orders" },
+  { source = "us-east", database = "orders", cluster_id = "other", server_name = "us-east" },
+]
+"""
+
+
+def test_the_run_command_exits_3_when_a_link_escalates_that_the_file_does_not_expect(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "misconfigured.toml"
+    path.write_text(MISCONFIGURED)
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror_actors.cli", "run", str(path), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["unexpected_escalations"] == ["m/other/orders"]
+    assert not summary["verified"]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("mirror-actors run:")]
+    assert "m/other/orders escalated" in line and "cluster id mismatch" in line
+    assert "Traceback" not in done.stderr
+
+
+def test_the_run_command_names_an_unexpected_escalation_in_the_plain_summary(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "misconfigured.toml"
+    path.write_text(MISCONFIGURED)
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror_actors.cli", "run", str(path), "--plain"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "ESCALATED (not in [expect] escalations): m/other/orders: cluster id mismatch" in (
+        done.stdout
+    )
+    assert "NOT VERIFIED" in done.stdout
+
+
+def test_an_expected_escalation_keeps_the_verification_exit_code() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror_actors.cli", "run", str(EXAMPLES / "wrong_cluster_id.toml"),
+         "--duration", "1.5", "--plain"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "mirror/eu-west/orders" in done.stdout and "escalated (expected)" in done.stdout
+    assert "exactly the expected links escalated" in done.stdout
+
+
+def test_the_run_help_documents_the_exit_codes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror_actors.cli", "run", "--help"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "3 a link escalated that [expect] escalations does not list" in text
+    assert "an expected escalation" in text and "keeps the verification's exit code" in text
+
+
+def test_on_divergence_and_max_snapshot_bytes_reach_the_replicas(tmp_path: Path) -> None:
+    text = textwrap.dedent(
+        """
+        [link_defaults]
+        max_snapshot_bytes = 4096
+        idle_timeout = 2
+        [[source]]
+        cluster = "us-east"
+        databases = ["orders", "users"]
+        [[mirror]]
+        name = "a"
+        on_divergence = "resync"
+        links = [{ source = "us-east", database = "orders", max_snapshot_bytes = 1024 }]
+        [[mirror]]
+        name = "b"
+        links = [{ source = "us-east", database = "users" }]
+        """
+    )
+    topology = parse_topology(tomllib.loads(text), "inline.toml", tmp_path)
+    run = TopologyRun(topology, workdir=tmp_path / "work")
+    try:
+        run.start()
+        seen: dict[str, tuple[Any, Any]] = {}
+        deadline = time.monotonic() + 10
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, f"replicas not up: {seen}"
+            for name in ("a/us-east/orders", "b/us-east/users"):
+                ref = run.replica(name)
+                if ref is not None and name not in seen:
+                    proxy = ref.proxy()
+                    seen[name] = (proxy.config.get(timeout=5), proxy.on_divergence.get(timeout=5))
+            time.sleep(0.05)
+    finally:
+        run.stop()
+    config_a, divergence_a = seen["a/us-east/orders"]
+    config_b, divergence_b = seen["b/us-east/users"]
+    assert (divergence_a, divergence_b) == ("resync", "escalate")
+    assert (config_a.max_snapshot_bytes, config_b.max_snapshot_bytes) == (1024, 4096)
+    assert config_a.idle_timeout == config_b.idle_timeout == 2.0
+
+
+def test_snapshot_limit_refuses_a_snapshot_too_large_and_the_other_mirror_bootstraps() -> None:
+    summary = run_example("snapshot_limit")
+    assert summary.verified, summary
+    links = by_name(summary)
+    small, roomy = links["small/us-east/orders"], links["roomy/us-east/orders"]
+    assert small.escalated and small.restarts == 0  # type: ignore[attr-defined]
+    assert "max_snapshot_bytes" in small.error  # type: ignore[attr-defined]
+    assert roomy.identical and roomy.snapshots_installed >= 1  # type: ignore[attr-defined]
+    assert summary.unexpected_escalations == ()

@@ -18,8 +18,10 @@ from mirror_actors.link import link_strategy
 from mirror_actors.topology import (
     BUILTIN_STRATEGIES,
     FAULT_ACTIONS,
+    ON_DIVERGENCE,
     Topology,
     TopologyError,
+    identifier_problem,
     load_topology,
     parse_topology,
     resolve_strategy,
@@ -346,11 +348,12 @@ OUT_OF_RANGE = [
     ),
     (BASE + "[[fault]]\nat = -1\n", "fault[0].at", ">= 0"),
     (BASE + "[[fault]]\nat = 1\nduration = -2.5\n", "fault[0].duration", ">= 0, got -2.5"),
-    ("[link_defaults]\nidle_timeout = -1\n" + BASE, "link_defaults.idle_timeout", ">= 0"),
+    ("[link_defaults]\nidle_timeout = -1\n" + BASE, "link_defaults.idle_timeout", "> 0, got -1"),
+    ("[link_defaults]\nidle_timeout = 0\n" + BASE, "link_defaults.idle_timeout", "> 0, got 0"),
     (
         BASE.replace('database = "orders" }', 'database = "orders", handshake_timeout = -0.5 }'),
         "mirror[0].links[0].handshake_timeout",
-        ">= 0",
+        "> 0, got -0.5",
     ),
 ]
 
@@ -553,7 +556,7 @@ def test_strategy_that_cannot_be_resolved(tmp_path: Path, strategy: str, words: 
     ("strategy", "options", "words"),
     [
         ('"backoff"', "{ bogus = 1 }", ["'bogus'"]),
-        ('"full-jitter"', "{ base = -1.0 }", ["base must be > 0"]),
+        ('"full-jitter"', "{ base = -1.0 }", ["base must be", "-1.0"]),
         ('"backoff"', '{ jitter_kind = "full" }', ["jitter_kind"]),
         ('"custom_strategy:CircuitBreaker"', "{ retries = 3 }", ["'retries'"]),
     ],
@@ -705,3 +708,130 @@ def test_module_strategies_in_a_topology(tmp_path: Path, strategies_module: str)
     assert [m.strategy.split(":")[1] for m in topology.mirrors] == ["Always", "INSTANCE", "decider"]
     bad = SOURCE + MIRROR + f'strategy = "{strategies_module}:NOT_A_STRATEGY"\n'
     assert_error(write(tmp_path, bad), "mirror[0].strategy", "NOT_A_STRATEGY")
+
+
+# --- link options, on_divergence and ids --------------------------------------------------
+
+
+def with_link(extra: str) -> str:
+    return BASE.replace('database = "orders" }', f'database = "orders", {extra} }}')
+
+
+def test_on_divergence_defaults_to_escalate_and_takes_resync(tmp_path: Path) -> None:
+    assert load_topology(write(tmp_path, BASE)).mirrors[0].on_divergence == "escalate"
+    resync = load_topology(write(tmp_path, with_mirror(on_divergence='"resync"')))
+    assert resync.mirrors[0].on_divergence == "resync"
+    assert ON_DIVERGENCE == ("escalate", "resync")
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [('"ignore"', ["expected one of escalate, resync, got 'ignore'"]), ("true", ["boolean"])],
+)
+def test_on_divergence_must_be_escalate_or_resync(
+    tmp_path: Path, value: str, words: list[str]
+) -> None:
+    assert_error(
+        write(tmp_path, with_mirror(on_divergence=value)), "mirror[0].on_divergence", *words
+    )
+
+
+def test_max_snapshot_bytes_in_link_defaults_and_links(tmp_path: Path) -> None:
+    text = "[link_defaults]\nmax_snapshot_bytes = 1048576\n" + with_link("max_snapshot_bytes = 10")
+    topology = load_topology(write(tmp_path, text))
+    assert dict(topology.link_defaults) == {"max_snapshot_bytes": 1048576}
+    assert isinstance(topology.link_defaults["max_snapshot_bytes"], int)
+    assert dict(topology.mirrors[0].links[0].options) == {"max_snapshot_bytes": 10}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", "expected a positive integer (bytes), got 0"),
+        ("-5", "positive integer"),
+        ("1.5", "expected an integer (bytes), got 1.5"),
+        ('"1MiB"', "expected an integer (bytes)"),
+        ("true", "boolean"),
+    ],
+)
+def test_max_snapshot_bytes_must_be_a_positive_integer(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    text = f"[link_defaults]\nmax_snapshot_bytes = {value}\n" + BASE
+    assert_error(write(tmp_path, text), "link_defaults.max_snapshot_bytes", expected)
+    assert_error(
+        write(tmp_path, with_link(f"max_snapshot_bytes = {value}")),
+        "mirror[0].links[0].max_snapshot_bytes",
+        expected,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (
+            "[link_defaults]\nkeepalive_interval = 5\nidle_timeout = 5\n" + BASE,
+            "link_defaults.keepalive_interval",
+        ),
+        ("[link_defaults]\nidle_timeout = 0.5\n" + BASE, "link_defaults.idle_timeout"),
+        (
+            "[link_defaults]\nidle_timeout = 2\n" + with_link("keepalive_interval = 3"),
+            "mirror[0].links[0].keepalive_interval",
+        ),
+        (
+            "[link_defaults]\nkeepalive_interval = 2\n" + with_link("idle_timeout = 1.5"),
+            "mirror[0].links[0].idle_timeout",
+        ),
+        ("[link_defaults]\nidle_timeout = inf\n" + BASE, "link_defaults.idle_timeout"),
+    ],
+)
+def test_keepalive_must_be_shorter_than_the_idle_timeout(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    error = assert_error(write(tmp_path, text), key)
+    assert "idle_timeout" in error.problem or "> 0" in error.problem
+
+
+def test_link_options_merge_over_the_defaults(tmp_path: Path) -> None:
+    text = "[link_defaults]\nidle_timeout = 2\nkeepalive_interval = 0.5\n" + with_link(
+        "keepalive_interval = 1.5"
+    )
+    topology = load_topology(write(tmp_path, text))
+    assert dict(topology.link_defaults) == {"idle_timeout": 2.0, "keepalive_interval": 0.5}
+    assert dict(topology.mirrors[0].links[0].options) == {"keepalive_interval": 1.5}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        (SOURCE.replace('"us-east"', '"us east"') + MIRROR.replace('"us-east"', '"us east"'),
+         "source[0].cluster", ["whitespace", "'us east'"]),
+        (SOURCE.replace('"us-east"', '"us_east"') + MIRROR.replace('"us-east"', '"us_east"'),
+         "source[0].cluster", ["DNS name", "'us_east'"]),
+        (SOURCE.replace('"users"', '"us\\u0000ers"') + MIRROR, "source[0].databases", ["control"]),
+        (SOURCE.replace('"users"', '""') + MIRROR, "source[0].databases", ["non-empty"]),
+        (with_link('cluster_id = ""'), "mirror[0].links[0].cluster_id", ["empty"]),
+        (with_link('cluster_id = "eu\\twest"'), "mirror[0].links[0].cluster_id", ["whitespace"]),
+        (BASE.replace('name = "m"', 'name = "m 1"'), "mirror[0].name", ["whitespace", "'m 1'"]),
+    ],
+)  # fmt: skip
+def test_ids_hold_no_whitespace_or_control_characters(
+    tmp_path: Path, text: str, key: str, words: list[str]
+) -> None:
+    assert_error(write(tmp_path, text), key, *words)
+
+
+def test_identifier_problem() -> None:
+    assert identifier_problem("us-east.1") is None
+    assert identifier_problem("") == "it is empty"
+    assert "whitespace" in (identifier_problem("a\u00a0b") or "")
+    assert "control" in (identifier_problem("a\u200bb") or "")  # zero-width space: invisible
+    assert "control" in (identifier_problem("a\x7fb") or "")
+
+
+def test_the_module_docstring_documents_the_run_exit_codes() -> None:
+    import mirror_actors.topology as topology_module
+
+    doc = topology_module.__doc__ or ""
+    assert "on_divergence" in doc and "max_snapshot_bytes" in doc
+    assert "exits 0" in doc and "3 when a link escalated" in doc
