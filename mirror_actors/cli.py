@@ -23,6 +23,7 @@ import signal
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -354,6 +355,13 @@ def _serve(args: argparse.Namespace, store: SourceStore | None) -> int:
         client_ca_file=args.client_ca,
         store=store,
     )
+    if store is None:
+        # A log kept only in memory is a new history each time this process starts;
+        # a term of its own (milliseconds since the epoch, so it only grows) lets a
+        # mirror that followed an earlier run tell (PROTOCOL.md 5.1: DIVERGED).
+        incarnation = time.time_ns() // 1_000_000
+        for database_id in args.database:
+            server.store[database_id].term = incarnation
     stop = _stop_on_sigterm()
     try:
         server.start()

@@ -463,3 +463,52 @@ def test_mirror_options_reach_the_replica_and_an_escalation_ends_the_wait(
     assert config.client_cert_file == str(pki.mirror.cert)
     (line,) = capsys.readouterr().err.splitlines()
     assert "us-east/orders escalated" in line and "--max-snapshot-bytes" in line
+
+
+# --- a source restarted with another history (issue: spliced histories) ----------------------
+
+
+def _restartable_source(
+    pki: DevPki, processes: Callable[..., subprocess.Popen[str]], port: int = 0
+) -> tuple[subprocess.Popen[str], int]:
+    args = source_args(pki, "--rate", "200")
+    args[args.index("--port") + 1] = str(port)
+    process = processes(*args, stderr=subprocess.DEVNULL)
+    return process, int(read_line(process).rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("mode", ["escalate", "resync"])
+def test_a_source_restarted_with_an_empty_memory_log_is_never_spliced(
+    pki: DevPki, tmp_path: Path, processes: Callable[..., subprocess.Popen[str]], mode: str
+) -> None:
+    first, port = _restartable_source(pki, processes)
+    store = tmp_path / "orders.db"
+    mirror = processes(*mirror_args(pki, port, store, "--on-divergence", mode))
+    wait_until(lambda: read_replica_file(store)[0] >= 50)
+    first.kill()
+    first.wait()
+    old_terms = {entry.term for entry in read_replica_file(store)[1]}
+    second, _ = _restartable_source(pki, processes, port)
+    if mode == "escalate":
+        _, err = mirror.communicate(timeout=WAIT_SECONDS)
+        assert mirror.returncode == 3, err
+        last = err.strip().splitlines()[-1]
+        assert "us-east/orders escalated" in last and "history diverged" in last, last
+        applied, entries = read_replica_file(store)
+        assert {entry.term for entry in entries} == old_terms, "nothing of the new history"
+        assert [entry.lsn for entry in entries] == list(range(1, applied + 1))
+    else:
+
+        def only_new_history() -> bool:
+            applied, entries = read_replica_file(store)
+            terms = {entry.term for entry in entries}
+            return applied >= 20 and len(terms) == 1 and not terms & old_terms
+
+        wait_until(only_new_history)
+        mirror.send_signal(signal.SIGTERM)
+        _, err = mirror.communicate(timeout=WAIT_SECONDS)
+        assert mirror.returncode == 0, err
+        applied, entries = read_replica_file(store)
+        assert [entry.lsn for entry in entries] == list(range(1, applied + 1))
+        assert entries[0].data == b"demo entry 1"
+    second.kill()
