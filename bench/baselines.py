@@ -21,8 +21,8 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
-from mirror_actors.link_state import LinkState, LinkStatus
-from mirror_actors.protocol import (
+from mirror_actors.link.state import LinkState, LinkStatus
+from mirror_actors.wire.frames import (
     ALPN,
     Ack,
     Frame,

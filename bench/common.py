@@ -20,8 +20,8 @@ from typing import Any, Literal
 from loguru import logger
 
 from mirror_actors.pki import DevPki, generate_dev_pki
-from mirror_actors.source_server import SourceServer
-from mirror_actors.store import SourceStore
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.server import SourceServer
 
 CLUSTER = "us-east"
 

@@ -16,7 +16,7 @@ import re
 import threading
 from pathlib import Path
 
-from mirror_actors.quic_loop import QuicLoop
+from mirror_actors.link.loop import QuicLoop
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _DIGITS = re.compile(r"\d+")

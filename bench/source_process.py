@@ -22,8 +22,8 @@ def _serve(
 ) -> None:
     from loguru import logger
 
-    from mirror_actors.source_server import SourceServer
-    from mirror_actors.store import SourceStore
+    from mirror_actors.source.log import SourceStore
+    from mirror_actors.source.server import SourceServer
 
     logger.remove()
     logging.getLogger("quic").setLevel(logging.ERROR)

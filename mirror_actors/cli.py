@@ -32,7 +32,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from loguru import logger
 
-from .errors import (
+from mirror_actors.link.config import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KEEPALIVE_INTERVAL,
+)
+from mirror_actors.logging_bridge import install_logging_bridge
+from mirror_actors.pki import generate_dev_pki, validate_dns_name
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.server import SourceConfigError, SourceServer
+from mirror_actors.topology.spec import ON_DIVERGENCE, identifier_problem
+from mirror_actors.wire.errors import (
     ClusterIdMismatch,
     HistoryDiverged,
     MirrorError,
@@ -40,16 +50,6 @@ from .errors import (
     TlsVerificationError,
     UnknownDatabase,
 )
-from .link_config import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_KEEPALIVE_INTERVAL,
-)
-from .logging_bridge import install_logging_bridge
-from .pki import generate_dev_pki, validate_dns_name
-from .source_server import SourceConfigError, SourceServer
-from .store import SourceStore
-from .topology import ON_DIVERGENCE, identifier_problem
 
 PROG = "mirror-actors"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
@@ -444,9 +444,9 @@ def _escalation_line(link: str, cause: BaseException) -> str:
 
 
 def _mirror(args: argparse.Namespace) -> int:
-    from .link_config import LinkConfig
-    from .replica import MirrorDatabase
-    from .replica_store import SqliteReplicaStore
+    from mirror_actors.link.config import LinkConfig
+    from mirror_actors.replica.actor import MirrorDatabase
+    from mirror_actors.replica.stores import SqliteReplicaStore
 
     if (args.cert is None) != (args.key is None):
         raise BadInput(
@@ -500,9 +500,9 @@ def _mirror(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import TopologyRun
-    from .status_view import print_summary, watch
-    from .topology import load_topology
+    from mirror_actors.topology.runner import TopologyRun
+    from mirror_actors.topology.spec import load_topology
+    from mirror_actors.topology.view import print_summary, watch
 
     topology = load_topology(args.file)
     duration = args.duration if args.duration is not None else topology.duration

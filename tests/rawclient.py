@@ -21,8 +21,8 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
-from mirror_actors.errors import MalformedFrame
-from mirror_actors.protocol import ALPN, Frame, FrameDecoder, encode_frame
+from mirror_actors.wire.errors import MalformedFrame
+from mirror_actors.wire.frames import ALPN, Frame, FrameDecoder, encode_frame
 
 RECV_TIMEOUT = 5.0
 

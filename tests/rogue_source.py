@@ -21,7 +21,7 @@ from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
-from mirror_actors.protocol import (
+from mirror_actors.wire.frames import (
     ALPN,
     Ack,
     FrameDecoder,

@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from mirror_actors import replica as replica_module
 from mirror_actors.cli import main
-from mirror_actors.errors import SnapshotTooLarge
 from mirror_actors.pki import DevPki, generate_dev_pki
-from mirror_actors.protocol import Entries, Hello, HelloAck, Subscribe
-from mirror_actors.replica_store import SqliteReplicaStore, read_replica_file
-from mirror_actors.store import SourceStore
+from mirror_actors.replica import actor as replica_module
+from mirror_actors.replica.stores import SqliteReplicaStore, read_replica_file
+from mirror_actors.source.log import SourceStore
+from mirror_actors.wire.errors import SnapshotTooLarge
+from mirror_actors.wire.frames import Entries, Hello, HelloAck, Subscribe
 from tests.rawclient import raw_mirror
 
 CLI = [sys.executable, "-m", "mirror_actors.cli"]

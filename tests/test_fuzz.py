@@ -28,8 +28,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from mirror_actors.errors import MalformedFrame
-from mirror_actors.protocol import (
+from mirror_actors.wire.errors import MalformedFrame
+from mirror_actors.wire.frames import (
     HANDSHAKE_MAX_PAYLOAD,
     HEADER,
     HEADER_SIZE,
@@ -51,7 +51,7 @@ from mirror_actors.protocol import (
     encode_frame,
     max_payload,
 )
-from mirror_actors.snapshot_format import SnapshotDecoder, encode_snapshot
+from mirror_actors.wire.snapshot import SnapshotDecoder, encode_snapshot
 
 SEED = int(os.environ.get("FUZZ_SEED", "20240606"))
 INPUTS = 100_000

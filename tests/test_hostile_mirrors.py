@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 from aioquic.quic.events import StreamReset
 
-from mirror_actors.errors import ErrorCode
 from mirror_actors.pki import DevPki
-from mirror_actors.protocol import (
+from mirror_actors.source.server import SourceServer
+from mirror_actors.source.session import SourceSettings
+from mirror_actors.wire.errors import ErrorCode
+from mirror_actors.wire.frames import (
     HEADER,
     Ack,
     ConfChange,
@@ -32,8 +34,6 @@ from mirror_actors.protocol import (
     Subscribe,
     encode_frame,
 )
-from mirror_actors.source_server import SourceServer
-from mirror_actors.source_session import SourceSettings
 from tests.rawclient import END, RawClient
 from tests.test_source_server import (
     CLUSTER,

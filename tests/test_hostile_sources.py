@@ -39,10 +39,16 @@ from mirror_actors import (
     TransportError,
     link_strategy,
 )
-from mirror_actors.errors import ErrorCode, MirrorError
-from mirror_actors.link_state import LinkState
+from mirror_actors.link.state import LinkState
+from mirror_actors.link.stream import LinkStream
 from mirror_actors.pki import DevPki
-from mirror_actors.protocol import (
+from mirror_actors.replica.actor import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from mirror_actors.replica.cursor import ReplicationError
+from mirror_actors.replica.stores import MemoryReplicaStore
+from mirror_actors.source.log import crc32c, encode_snapshot
+from mirror_actors.source.server import SourceServer
+from mirror_actors.wire.errors import ErrorCode, MirrorError
+from mirror_actors.wire.frames import (
     HEADER,
     MAX_PAYLOAD,
     ConfChange,
@@ -54,12 +60,6 @@ from mirror_actors.protocol import (
     SnapshotChunk,
     encode_frame,
 )
-from mirror_actors.replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from mirror_actors.replica_store import MemoryReplicaStore
-from mirror_actors.replication import ReplicationError
-from mirror_actors.source_server import SourceServer
-from mirror_actors.store import crc32c, encode_snapshot
-from mirror_actors.stream import LinkStream
 from supervisors import ChildSpec, ChildState, GetChild, Supervisor, WhichChildren
 from supervisors.testing import ManualClock
 from tests.rogue_source import RogueSource, _Rogue, accept

@@ -22,14 +22,14 @@ from mirror_actors import (
     MirrorPromoted,
     ObserverRoleViolation,
     ProtocolVersionMismatch,
-    RequestVote,
     SourceShutdown,
     Subscribe,
     TlsVerificationError,
     TransportError,
     UnknownDatabase,
 )
-from mirror_actors.link import (
+from mirror_actors.faults.proxy import UdpProxy
+from mirror_actors.link.actor import (
     Connect,
     Disconnect,
     FailLink,
@@ -39,15 +39,15 @@ from mirror_actors.link import (
     SourceLink,
     link_strategy,
 )
-from mirror_actors.link_config import LinkConfig
-from mirror_actors.link_state import LinkState, LinkStatus
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.link.loop import QuicLoop
+from mirror_actors.link.state import LinkState, LinkStatus
+from mirror_actors.link.stream import StreamClosed
 from mirror_actors.pki import CertificateAuthority, DevPki
-from mirror_actors.protocol import Hello
-from mirror_actors.quic_loop import QuicLoop
-from mirror_actors.source_server import SourceServer
-from mirror_actors.store import SourceStore
-from mirror_actors.stream import StreamClosed
-from mirror_actors.testing import UdpProxy
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.server import SourceServer
+from mirror_actors.wire import RequestVote
+from mirror_actors.wire.frames import Hello
 from supervisors import ChildSpec, ChildState, EscalationEvent, GetChild, Supervisor, WhichChildren
 from supervisors.testing import ManualClock
 from tests.rogue_source import RogueSource, accept

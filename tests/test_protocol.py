@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.errors import MalformedFrame
-from mirror_actors.protocol import (
+from mirror_actors.wire.errors import MalformedFrame
+from mirror_actors.wire.frames import (
     HANDSHAKE_MAX_PAYLOAD,
     HEADER_SIZE,
     MAX_PAYLOAD,

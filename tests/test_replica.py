@@ -14,15 +14,15 @@ from typing import Any, cast
 
 import pytest
 
-from mirror_actors import replica as replica_module
-from mirror_actors.link import OpenStream, SourceLink, link_strategy
-from mirror_actors.link_config import LinkConfig
+from mirror_actors.link.actor import OpenStream, SourceLink, link_strategy
+from mirror_actors.link.config import LinkConfig
 from mirror_actors.pki import DevPki
-from mirror_actors.protocol import Entries, Entry, HelloAck, SnapshotChunk, encode_frame
-from mirror_actors.replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from mirror_actors.replica_store import MemoryReplicaStore, SqliteReplicaStore, entries_digest
-from mirror_actors.source_server import SourceServer
-from mirror_actors.store import SourceStore, crc32c, encode_snapshot
+from mirror_actors.replica import actor as replica_module
+from mirror_actors.replica.actor import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from mirror_actors.replica.stores import MemoryReplicaStore, SqliteReplicaStore, entries_digest
+from mirror_actors.source.log import SourceStore, crc32c, encode_snapshot
+from mirror_actors.source.server import SourceServer
+from mirror_actors.wire.frames import Entries, Entry, HelloAck, SnapshotChunk, encode_frame
 from tests.rogue_source import RogueSource
 
 CLUSTER = "us-east"

@@ -17,21 +17,21 @@ from typing import Any, cast
 import pytest
 from loguru import logger
 
-from mirror_actors.errors import HistoryDiverged, SnapshotTooLarge
-from mirror_actors.link import link_strategy
-from mirror_actors.link_config import LinkConfig
+from mirror_actors.link.actor import link_strategy
+from mirror_actors.link.config import LinkConfig
 from mirror_actors.pki import DevPki
-from mirror_actors.protocol import Entries, Entry, HelloAck, encode_frame
-from mirror_actors.replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from mirror_actors.replica_store import (
+from mirror_actors.replica.actor import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from mirror_actors.replica.cursor import ApplyEntries
+from mirror_actors.replica.spool import StoreUnusable
+from mirror_actors.replica.stores import (
     SqliteReplicaStore,
     entries_digest,
     read_replica_file,
 )
-from mirror_actors.replication import ApplyEntries
-from mirror_actors.snapshot_spool import StoreUnusable
-from mirror_actors.source_server import SourceServer
-from mirror_actors.store import SourceStore
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.server import SourceServer
+from mirror_actors.wire.errors import HistoryDiverged, SnapshotTooLarge
+from mirror_actors.wire.frames import Entries, Entry, HelloAck, encode_frame
 from supervisors import EscalationEvent
 from tests.rogue_source import RogueSource, SnapshotFloodSource
 
@@ -326,7 +326,7 @@ def test_a_source_that_does_not_check_history_is_caught_by_the_mirror(
 
 
 def test_a_standalone_link_sends_the_position_it_was_given(pki: DevPki) -> None:
-    from mirror_actors.link import Connect, Disconnect, SourceLink
+    from mirror_actors.link.actor import Connect, Disconnect, SourceLink
 
     pair = pki.source(CLUSTER)
     rogue = RogueSource(

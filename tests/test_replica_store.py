@@ -23,10 +23,22 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mirror_actors import snapshot_spool
-from mirror_actors.errors import MalformedFrame, MirrorError
-from mirror_actors.protocol import Entry, SnapshotChunk
-from mirror_actors.replica_store import (
+from mirror_actors.replica import spool as snapshot_spool
+from mirror_actors.replica.cursor import (
+    ApplyEntries,
+    Commit,
+    InstallSnapshot,
+    ReplicationCursor,
+    ResetReplica,
+)
+from mirror_actors.replica.spool import (
+    FileSpool,
+    MemorySpool,
+    SnapshotSpool,
+    StoreFailure,
+    StoreUnusable,
+)
+from mirror_actors.replica.stores import (
     MemoryReplicaStore,
     ReplicaStore,
     SqliteReplicaStore,
@@ -36,21 +48,9 @@ from mirror_actors.replica_store import (
     read_replica_file,
     to_sqlite,
 )
-from mirror_actors.replication import (
-    ApplyEntries,
-    Commit,
-    InstallSnapshot,
-    ReplicationCursor,
-    ResetReplica,
-)
-from mirror_actors.snapshot_format import crc32c, encode_snapshot
-from mirror_actors.snapshot_spool import (
-    FileSpool,
-    MemorySpool,
-    SnapshotSpool,
-    StoreFailure,
-    StoreUnusable,
-)
+from mirror_actors.wire.errors import MalformedFrame, MirrorError
+from mirror_actors.wire.frames import Entry, SnapshotChunk
+from mirror_actors.wire.snapshot import crc32c, encode_snapshot
 
 SOURCE = "us-east/orders"
 OTHER = "eu-west/orders"

@@ -20,8 +20,21 @@ import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.errors import ErrorCode, HistoryDiverged, MalformedFrame, SnapshotTooLarge
-from mirror_actors.protocol import (
+from mirror_actors.replica.cursor import (
+    ApplyEntries,
+    Commit,
+    InstallSnapshot,
+    ReplicationCursor,
+    ReplicationError,
+    ResetReplica,
+    SnapshotAssembly,
+)
+from mirror_actors.replica.spool import FileSpool, MemorySpool, SnapshotSpool
+from mirror_actors.replica.stores import MemoryReplicaStore, entries_digest
+from mirror_actors.source.log import DatabaseLog, SourceStore
+from mirror_actors.source.session import SendData, SourceSession, SourceSettings
+from mirror_actors.wire.errors import ErrorCode, HistoryDiverged, MalformedFrame, SnapshotTooLarge
+from mirror_actors.wire.frames import (
     Ack,
     Entries,
     Entry,
@@ -33,25 +46,12 @@ from mirror_actors.protocol import (
     Subscribe,
     encode_frame,
 )
-from mirror_actors.replica_store import MemoryReplicaStore, entries_digest
-from mirror_actors.replication import (
-    ApplyEntries,
-    Commit,
-    InstallSnapshot,
-    ReplicationCursor,
-    ReplicationError,
-    ResetReplica,
-    SnapshotAssembly,
-)
-from mirror_actors.snapshot_format import (
+from mirror_actors.wire.snapshot import (
     SnapshotDecoder,
     crc32c,
     encode_snapshot,
     encode_snapshot_entry,
 )
-from mirror_actors.snapshot_spool import FileSpool, MemorySpool, SnapshotSpool
-from mirror_actors.source_session import SendData, SourceSession, SourceSettings
-from mirror_actors.store import DatabaseLog, SourceStore
 
 CLUSTER = "us-east"
 DB = "orders"

@@ -22,14 +22,14 @@ import pykka
 import pytest
 
 from mirror_actors import Connect, Disconnect, SourceLink
-from mirror_actors.errors import ErrorCode
-from mirror_actors.link import LinkDown, LinkUp
-from mirror_actors.link_state import LinkState
+from mirror_actors.faults.proxy import UdpProxy
+from mirror_actors.link.actor import LinkDown, LinkUp
+from mirror_actors.link.loop import QuicLoop
+from mirror_actors.link.state import LinkState
 from mirror_actors.pki import DevPki
-from mirror_actors.protocol import HelloAck, encode_frame
-from mirror_actors.quic_loop import QuicLoop
-from mirror_actors.source_server import SourceServer
-from mirror_actors.testing import UdpProxy
+from mirror_actors.source.server import SourceServer
+from mirror_actors.wire.errors import ErrorCode
+from mirror_actors.wire.frames import HelloAck, encode_frame
 from supervisors import ChildSpec, ExponentialBackoff, Supervisor, WhichChildren
 from tests.rogue_source import RogueSource
 from tests.test_link import CLUSTER, config_for, source_server, status, wait_until

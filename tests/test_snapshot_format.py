@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.errors import MalformedFrame
-from mirror_actors.protocol import MAX_PAYLOAD, Entry
-from mirror_actors.snapshot_format import (
+from mirror_actors.wire.errors import MalformedFrame
+from mirror_actors.wire.frames import MAX_PAYLOAD, Entry
+from mirror_actors.wire.snapshot import (
     SnapshotDecoder,
     crc32c,
     decode_snapshot,

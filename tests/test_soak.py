@@ -20,14 +20,14 @@ from typing import Any, cast
 import pytest
 from loguru import logger
 
-from mirror_actors.link import link_strategy
-from mirror_actors.link_config import LinkConfig
+from mirror_actors.faults.proxy import UdpProxy
+from mirror_actors.link.actor import link_strategy
+from mirror_actors.link.config import LinkConfig
 from mirror_actors.pki import DevPki
-from mirror_actors.replica import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from mirror_actors.replica_store import MemoryReplicaStore, entries_digest
-from mirror_actors.source_server import SourceServer
-from mirror_actors.store import SourceStore
-from mirror_actors.testing import UdpProxy
+from mirror_actors.replica.actor import GetReplicaStatus, MirrorDatabase, ReplicaStatus
+from mirror_actors.replica.stores import MemoryReplicaStore, entries_digest
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.server import SourceServer
 
 TOTAL_ENTRIES = 20_000
 CUTS = 10

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from mirror_actors.errors import CRYPTO_ERROR_BASE
 from mirror_actors.pki import CertificateAuthority, DevPki, write_pair
-from mirror_actors.protocol import Hello, Subscribe, encode_frame
-from mirror_actors.source_server import SourceConfigError, SourceServer
-from mirror_actors.source_session import SourceSession
+from mirror_actors.source.server import SourceConfigError, SourceServer
+from mirror_actors.source.session import SourceSession
+from mirror_actors.wire.errors import CRYPTO_ERROR_BASE
+from mirror_actors.wire.frames import Hello, Subscribe, encode_frame
 from tests.test_source_server import CLUSTER, accepted, make_server, mirror
 
 ALERT_BAD_CERTIFICATE = 42
@@ -239,7 +239,7 @@ def test_a_client_ca_file_broken_after_start_refuses_every_mirror(
 def test_any_exception_while_verifying_refuses_the_connection(
     pki: DevPki, monkeypatch: pytest.MonkeyPatch, session_inputs: list[Any]
 ) -> None:
-    import mirror_actors.source_server as source_server
+    import mirror_actors.source.server as source_server
 
     def explode(*_args: Any) -> Any:
         raise RuntimeError("verification blew up")

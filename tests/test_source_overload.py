@@ -7,8 +7,18 @@ import random
 
 import pytest
 
-from mirror_actors.errors import ErrorCode
-from mirror_actors.protocol import (
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.session import (
+    Action,
+    CloseConnection,
+    SendData,
+    SessionState,
+    SourceLimits,
+    SourceSession,
+    SourceSettings,
+)
+from mirror_actors.wire.errors import ErrorCode
+from mirror_actors.wire.frames import (
     HEADER_SIZE,
     Ack,
     Entries,
@@ -18,16 +28,6 @@ from mirror_actors.protocol import (
     Subscribe,
     encode_frame,
 )
-from mirror_actors.source_session import (
-    Action,
-    CloseConnection,
-    SendData,
-    SessionState,
-    SourceLimits,
-    SourceSession,
-    SourceSettings,
-)
-from mirror_actors.store import SourceStore
 from tests.test_source_session import CLUSTER, DB, Mirror
 
 ENTRY = 1000

@@ -10,9 +10,11 @@ from typing import Any
 
 from aioquic.quic.events import ConnectionTerminated
 
-from mirror_actors.errors import ErrorCode
 from mirror_actors.pki import DevPki
-from mirror_actors.protocol import (
+from mirror_actors.source.server import ServerLoad
+from mirror_actors.source.session import SourceSettings
+from mirror_actors.wire.errors import ErrorCode
+from mirror_actors.wire.frames import (
     Ack,
     Entries,
     Error,
@@ -21,8 +23,6 @@ from mirror_actors.protocol import (
     Subscribe,
     encode_payload,
 )
-from mirror_actors.source_server import ServerLoad
-from mirror_actors.source_session import SourceSettings
 from tests.rawclient import END, RawClient
 from tests.test_source_server import CLUSTER, accepted, handshake, make_server, mirror
 

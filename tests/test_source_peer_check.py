@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from mirror_actors.pki import DevPki
-from mirror_actors.source_server import SourceServer
-from mirror_actors.source_session import SourceSettings
-from mirror_actors.store import SourceStore
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.server import SourceServer
+from mirror_actors.source.session import SourceSettings
 from tests.rawclient import RawClient, hand_frame, hand_frame_lengths, hand_frames, raw_mirror
 from tests.test_source_server import CLUSTER, make_server
 

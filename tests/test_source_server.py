@@ -11,10 +11,13 @@ import google_crc32c
 import pytest
 from aioquic.quic.events import StreamReset
 
-from mirror_actors.errors import ErrorCode
 from mirror_actors.loop_thread import LoopThread
 from mirror_actors.pki import CertificateAuthority, DevPki, write_pair
-from mirror_actors.protocol import (
+from mirror_actors.source.log import SourceStore, decode_snapshot
+from mirror_actors.source.server import SourceServer
+from mirror_actors.source.session import SourceSettings
+from mirror_actors.wire.errors import ErrorCode
+from mirror_actors.wire.frames import (
     NO_SNAPSHOT,
     PROTOCOL_VERSION,
     Ack,
@@ -28,9 +31,6 @@ from mirror_actors.protocol import (
     Subscribe,
     encode_payload,
 )
-from mirror_actors.source_server import SourceServer
-from mirror_actors.source_session import SourceSettings
-from mirror_actors.store import SourceStore, decode_snapshot
 from tests.rawclient import END, RawClient, raw_mirror
 
 CLUSTER = "us-east"

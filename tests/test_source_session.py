@@ -16,8 +16,19 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.errors import ErrorCode
-from mirror_actors.protocol import (
+from mirror_actors.source.log import DatabaseLog, SourceStore, crc32c, decode_snapshot
+from mirror_actors.source.session import (
+    AbortStream,
+    Action,
+    CloseConnection,
+    ResetStream,
+    SendData,
+    SessionState,
+    SourceSession,
+    SourceSettings,
+)
+from mirror_actors.wire.errors import ErrorCode
+from mirror_actors.wire.frames import (
     HANDSHAKE_MAX_PAYLOAD,
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -37,17 +48,6 @@ from mirror_actors.protocol import (
     Subscribe,
     encode_frame,
 )
-from mirror_actors.source_session import (
-    AbortStream,
-    Action,
-    CloseConnection,
-    ResetStream,
-    SendData,
-    SessionState,
-    SourceSession,
-    SourceSettings,
-)
-from mirror_actors.store import DatabaseLog, SourceStore, crc32c, decode_snapshot
 
 CLUSTER = "us-east"
 DB = "orders"

@@ -16,12 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror_actors import snapshot_format
-from mirror_actors import store as store_module
-from mirror_actors.errors import MalformedFrame
-from mirror_actors.protocol import MAX_PAYLOAD, Entries, Entry, encode_frame
-from mirror_actors.replica_store import SqliteReplicaStore
-from mirror_actors.store import (
+from mirror_actors.replica.stores import SqliteReplicaStore
+from mirror_actors.source import log as store_module
+from mirror_actors.source.log import (
     ENTRY_FRAME_OVERHEAD,
     MAX_ENTRY_DATA,
     DatabaseLog,
@@ -34,6 +31,9 @@ from mirror_actors.store import (
     u64_from_sql,
     u64_to_sql,
 )
+from mirror_actors.wire import snapshot as snapshot_format
+from mirror_actors.wire.errors import MalformedFrame
+from mirror_actors.wire.frames import MAX_PAYLOAD, Entries, Entry, encode_frame
 
 
 def filled(count: int, term: int = 1) -> DatabaseLog:
@@ -684,7 +684,7 @@ def test_concurrent_appends_to_a_file_store_all_land(tmp_path: Path) -> None:
 
 _KILLED_WRITER = """
 import sys
-from mirror_actors.store import SourceStore
+from mirror_actors.source.log import SourceStore
 
 store = SourceStore(["orders"], path=sys.argv[1])
 log = store["orders"]

@@ -18,9 +18,9 @@ import pytest
 from attrs import frozen
 
 from mirror_actors import Connect, SourceLink, TlsVerificationError, link_strategy
-from mirror_actors.link_config import LinkConfig
+from mirror_actors.link.config import LinkConfig
 from mirror_actors.pki import CertificateAuthority, CertKeyPair, DevPki, write_pair
-from mirror_actors.source_server import SourceServer
+from mirror_actors.source.server import SourceServer
 from supervisors import ChildSpec, ChildState, Supervisor, WhichChildren
 from supervisors.testing import ManualClock
 from tests.test_link import CLUSTER, WAIT, Escalations, config_for

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror_actors.link import link_strategy
-from mirror_actors.topology import (
+from mirror_actors.link.actor import link_strategy
+from mirror_actors.topology.spec import (
     BUILTIN_STRATEGIES,
     FAULT_ACTIONS,
     ON_DIVERGENCE,
@@ -830,7 +830,7 @@ def test_identifier_problem() -> None:
 
 
 def test_the_module_docstring_documents_the_run_exit_codes() -> None:
-    import mirror_actors.topology as topology_module
+    import mirror_actors.topology.spec as topology_module
 
     doc = topology_module.__doc__ or ""
     assert "on_divergence" in doc and "max_snapshot_bytes" in doc

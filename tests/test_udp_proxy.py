@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from mirror_actors import Connect, Entries, OpenStream, SourceLink, Subscribe
+from mirror_actors.faults.proxy import UdpProxy
 from mirror_actors.pki import DevPki
-from mirror_actors.testing import UdpProxy
 from tests.test_link import config_for, source_server, wait_until
 
 WAIT = 5.0

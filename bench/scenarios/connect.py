@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from mirror_actors.link import Connect, Disconnect, SourceLink
-from mirror_actors.link_config import LinkConfig
-from mirror_actors.quic_loop import QuicLoop
+from mirror_actors.link.actor import Connect, Disconnect, SourceLink
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.link.loop import QuicLoop
 
 from ..baselines import BareLoop, bare_connect_once
 from ..common import CLUSTER, Env, Row, Sizes, Stat, Target

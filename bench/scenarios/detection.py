@@ -13,10 +13,10 @@ from typing import Any, cast
 
 import pykka
 
-from mirror_actors.link import Connect, GetStatus, SourceLink
-from mirror_actors.link_config import LinkConfig
-from mirror_actors.link_state import LinkStatus
-from mirror_actors.testing import UdpProxy
+from mirror_actors.faults.proxy import UdpProxy
+from mirror_actors.link.actor import Connect, GetStatus, SourceLink
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.link.state import LinkStatus
 
 from ..baselines import BareLoop, bare_connect
 from ..common import CLUSTER, INFO, Env, Row, Sizes, Stat, Target

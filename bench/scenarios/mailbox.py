@@ -11,8 +11,8 @@ from typing import Any
 
 import pykka
 
-from mirror_actors.link import Connect, Disconnect, GetStatus, SourceLink
-from mirror_actors.link_config import LinkConfig
+from mirror_actors.link.actor import Connect, Disconnect, GetStatus, SourceLink
+from mirror_actors.link.config import LinkConfig
 
 from ..baselines import BareStatusActor
 from ..common import CLUSTER, Env, Row, Sizes, Stat, Target

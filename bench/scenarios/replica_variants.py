@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from mirror_actors.protocol import Entry, Frame
-from mirror_actors.replica import MirrorDatabase
-from mirror_actors.replica_store import MemoryReplicaStore, ReplicaStore, SqliteReplicaStore
-from mirror_actors.replication import Commit, ReplicationCursor
-from mirror_actors.snapshot_spool import SnapshotSpool
+from mirror_actors.replica.actor import MirrorDatabase
+from mirror_actors.replica.cursor import Commit, ReplicationCursor
+from mirror_actors.replica.spool import SnapshotSpool
+from mirror_actors.replica.stores import MemoryReplicaStore, ReplicaStore, SqliteReplicaStore
+from mirror_actors.wire.frames import Entry, Frame
 
 from ..baselines import BareLoop, bare_replicate
 from ..common import CLUSTER, Target

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from mirror_actors.link import Connect, Disconnect, OpenStream, SourceLink
-from mirror_actors.link_config import LinkConfig
-from mirror_actors.protocol import Entries, Frame, Subscribe
-from mirror_actors.quic_loop import QuicLoop
-from mirror_actors.store import SourceStore
-from mirror_actors.stream import LinkStream
+from mirror_actors.link.actor import Connect, Disconnect, OpenStream, SourceLink
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.link.loop import QuicLoop
+from mirror_actors.link.stream import LinkStream
+from mirror_actors.source.log import SourceStore
+from mirror_actors.wire.frames import Entries, Frame, Subscribe
 
 from ..baselines import BareLoop, bare_replicate
 from ..common import CLUSTER, INFO, Env, Row, Sizes, Stat, Target
@@ -110,7 +110,7 @@ def variants() -> list[Variant]:
     found = [STREAM]
     try:
         from . import replica_variants
-    except ImportError:  # no mirror_actors.replica in this tree
+    except ImportError:  # no mirror_actors.replica.actor in this tree
         return found
     return found + replica_variants.variants()
 

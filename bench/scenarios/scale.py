@@ -19,10 +19,10 @@ from typing import Any, Protocol, cast
 
 import pykka
 
-from mirror_actors.link import GetStatus, SourceLink, link_strategy
-from mirror_actors.link_config import LinkConfig
-from mirror_actors.link_state import LinkStatus
-from mirror_actors.store import SourceStore
+from mirror_actors.link.actor import GetStatus, SourceLink, link_strategy
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.link.state import LinkStatus
+from mirror_actors.source.log import SourceStore
 from supervisors import ChildSpec, ChildStatus, Supervisor, WhichChildren
 
 from ..common import (

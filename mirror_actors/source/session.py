@@ -19,8 +19,9 @@ from typing import TypeAlias
 from attrs import define, field, frozen
 from loguru import logger
 
-from .errors import ErrorCode, MalformedFrame
-from .protocol import (
+from mirror_actors.source.log import ENTRY_FRAME_OVERHEAD, DatabaseLog, Snapshot, SourceStore
+from mirror_actors.wire.errors import ErrorCode, MalformedFrame
+from mirror_actors.wire.frames import (
     HANDSHAKE_STREAM_ID,
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
@@ -35,7 +36,6 @@ from .protocol import (
     encode_frame,
     is_voter_class,
 )
-from .store import ENTRY_FRAME_OVERHEAD, DatabaseLog, Snapshot, SourceStore
 
 DEFAULT_FLOW_CONTROL_CAP = 64 * 1024 * 1024
 DEFAULT_SNAPSHOT_CHUNK = 256 * 1024

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from .protocol import Entry
-from .replication import Commit, InstallSnapshot, ResetReplica
-from .snapshot_spool import FileSpool, SnapshotSpool, StoreFailure, StoreUnusable
+from mirror_actors.replica.cursor import Commit, InstallSnapshot, ResetReplica
+from mirror_actors.replica.spool import FileSpool, SnapshotSpool, StoreFailure, StoreUnusable
+from mirror_actors.wire.frames import Entry
 
 
 def entries_digest(entries: Iterable[Entry]) -> str:

@@ -6,7 +6,7 @@ import enum
 
 from attrs import define, frozen
 
-from .errors import MirrorError
+from mirror_actors.wire.errors import MirrorError
 
 
 class LinkState(enum.Enum):

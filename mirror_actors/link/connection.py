@@ -22,7 +22,11 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from cryptography import x509
 from loguru import logger
 
-from .errors import (
+from mirror_actors.link.classify import error_for_ack, error_for_close
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.link.loop import QuicLoop
+from mirror_actors.link.stream import LinkStream
+from mirror_actors.wire.errors import (
     ErrorCode,
     HandshakeTimeout,
     HistoryDiverged,
@@ -33,9 +37,7 @@ from .errors import (
     TransportError,
     error_for_code,
 )
-from .link_config import LinkConfig
-from .link_errors import error_for_ack, error_for_close
-from .protocol import (
+from mirror_actors.wire.frames import (
     ALPN,
     HANDSHAKE_STREAM_ID,
     Entries,
@@ -48,8 +50,6 @@ from .protocol import (
     encode_frame,
     is_voter_class,
 )
-from .quic_loop import QuicLoop
-from .stream import LinkStream
 
 _ping_ids = itertools.count(1)
 

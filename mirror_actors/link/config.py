@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from attrs import field, frozen, validators
 
-from .protocol import PROTOCOL_VERSION
+from mirror_actors.wire.frames import PROTOCOL_VERSION
 
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_KEEPALIVE_INTERVAL = 1.0

@@ -23,6 +23,30 @@ import pykka
 from attrs import frozen
 from loguru import logger
 
+from mirror_actors.link.actor import (
+    FailLink,
+    GetStatus,
+    LinkDown,
+    LinkUp,
+    OpenStream,
+    SetPosition,
+    SourceLink,
+    link_strategy,
+)
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.link.state import LinkStatus
+from mirror_actors.link.stream import Delivery, LinkStream
+from mirror_actors.replica.cursor import (
+    Commit,
+    InstallSnapshot,
+    ReplicationCursor,
+    ReplicationError,
+    ResetReplica,
+)
+from mirror_actors.replica.spool import FileSpool, SnapshotSpool, StoreFailure
+from mirror_actors.replica.stores import MemoryReplicaStore, ReplicaStore
+from mirror_actors.wire.errors import HistoryDiverged, MirrorError, TransportError
+from mirror_actors.wire.frames import SnapshotChunk, Subscribe
 from supervisors import (
     ChildSpec,
     ChildState,
@@ -33,25 +57,6 @@ from supervisors import (
     SupervisorStrategy,
 )
 from supervisors.strategy import as_strategy
-
-from .errors import HistoryDiverged, MirrorError, TransportError
-from .link import (
-    FailLink,
-    GetStatus,
-    LinkDown,
-    LinkUp,
-    OpenStream,
-    SetPosition,
-    SourceLink,
-    link_strategy,
-)
-from .link_config import LinkConfig
-from .link_state import LinkStatus
-from .protocol import SnapshotChunk, Subscribe
-from .replica_store import MemoryReplicaStore, ReplicaStore
-from .replication import Commit, InstallSnapshot, ReplicationCursor, ReplicationError, ResetReplica
-from .snapshot_spool import FileSpool, SnapshotSpool, StoreFailure
-from .stream import Delivery, LinkStream
 
 OnDivergence = Literal["escalate", "resync"]
 ON_DIVERGENCE_CHOICES: tuple[OnDivergence, ...] = ("escalate", "resync")

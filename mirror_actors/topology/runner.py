@@ -20,6 +20,26 @@ import pykka
 from attrs import frozen
 from loguru import logger
 
+from mirror_actors.faults.proxy import UdpProxy
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.pki import DevPki, generate_dev_pki
+from mirror_actors.replica.actor import (
+    GetReplicaStatus,
+    MirrorDatabase,
+    OnDivergence,
+    ReplicaStatus,
+)
+from mirror_actors.replica.stores import (
+    MemoryReplicaStore,
+    ReplicaStore,
+    SqliteReplicaStore,
+    entries_digest,
+    read_replica_file,
+)
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.server import SourceServer
+from mirror_actors.topology.spec import FaultSpec, LinkSpec, MirrorSpec, Topology, resolve_strategy
+from mirror_actors.wire.errors import MirrorError
 from supervisors import (
     ChildSpec,
     EscalatedFailure,
@@ -30,22 +50,6 @@ from supervisors import (
     SupervisorError,
     is_hard_error,
 )
-
-from .errors import MirrorError
-from .link_config import LinkConfig
-from .pki import DevPki, generate_dev_pki
-from .replica import GetReplicaStatus, MirrorDatabase, OnDivergence, ReplicaStatus
-from .replica_store import (
-    MemoryReplicaStore,
-    ReplicaStore,
-    SqliteReplicaStore,
-    entries_digest,
-    read_replica_file,
-)
-from .source_server import SourceServer
-from .store import SourceStore
-from .testing import UdpProxy
-from .topology import FaultSpec, LinkSpec, MirrorSpec, Topology, resolve_strategy
 
 STATUS_TIMEOUT = 1.0
 DEFAULT_VERIFY_TIMEOUT = 30.0

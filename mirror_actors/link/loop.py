@@ -12,7 +12,7 @@ import threading
 
 from loguru import logger
 
-from .loop_thread import LoopThread
+from mirror_actors.loop_thread import LoopThread
 
 # Handshakes cost the loop thread several milliseconds of CPU each. Admitting a
 # bounded number at once keeps a thousand links that dial together from timing

@@ -21,8 +21,13 @@ from typing import Final
 
 from attrs import frozen
 
-from .protocol import MAX_PAYLOAD, Entry
-from .snapshot_format import crc32c, decode_snapshot, encode_snapshot, encode_snapshot_entry
+from mirror_actors.wire.frames import MAX_PAYLOAD, Entry
+from mirror_actors.wire.snapshot import (
+    crc32c,
+    decode_snapshot,
+    encode_snapshot,
+    encode_snapshot_entry,
+)
 
 __all__ = [
     "ENTRY_FRAME_OVERHEAD",

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 from attrs import define, field, frozen
 
-from .errors import HistoryDiverged, MalformedFrame, SnapshotTooLarge
-from .protocol import Entries, Entry, Frame, SnapshotChunk
-from .snapshot_format import SnapshotDecoder, crc32c
-from .snapshot_spool import MemorySpool, SnapshotSpool
+from mirror_actors.replica.spool import MemorySpool, SnapshotSpool
+from mirror_actors.wire.errors import HistoryDiverged, MalformedFrame, SnapshotTooLarge
+from mirror_actors.wire.frames import Entries, Entry, Frame, SnapshotChunk
+from mirror_actors.wire.snapshot import SnapshotDecoder, crc32c
 
 
 class ReplicationError(MalformedFrame):

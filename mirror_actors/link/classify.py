@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import (
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.wire.errors import (
     CRYPTO_ERROR_BASE,
     CRYPTO_ERROR_LAST,
     ClusterIdMismatch,
@@ -12,8 +13,7 @@ from .errors import (
     TransportError,
     error_for_code,
 )
-from .link_config import LinkConfig
-from .protocol import HelloAck
+from mirror_actors.wire.frames import HelloAck
 
 # TLS alert numbers (RFC 8446 section 6) and what a user should do about each.
 _ALERT_HINTS = {

@@ -15,8 +15,8 @@ from typing import Final
 import google_crc32c
 import msgpack
 
-from .errors import MalformedFrame
-from .protocol import MAX_PAYLOAD, Entry
+from mirror_actors.wire.errors import MalformedFrame
+from mirror_actors.wire.frames import MAX_PAYLOAD, Entry
 
 _U64_LIMIT: Final = 1 << 64
 # One entry's data fits one ENTRIES frame, so a snapshot item is never larger;

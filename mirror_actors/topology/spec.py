@@ -66,10 +66,9 @@ from typing import Any
 
 from attrs import field, frozen
 
+from mirror_actors.link.config import DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL
+from mirror_actors.pki import validate_dns_name
 from supervisors import JitterKind, SupervisorStrategy, as_strategy
-
-from .link_config import DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL
-from .pki import validate_dns_name
 
 FAULT_ACTIONS = (
     "stop_source",
@@ -531,7 +530,7 @@ def resolve_strategy(
     spec: str, options: Mapping[str, Any], base_dir: Path | None = None
 ) -> SupervisorStrategy:
     """A built-in strategy by name, or ``module:attribute`` (a strategy, class or factory)."""
-    from .link import link_strategy
+    from mirror_actors.link.actor import link_strategy
 
     if spec in BUILTIN_STRATEGIES:
         return link_strategy(jitter_kind=BUILTIN_STRATEGIES[spec], **options)

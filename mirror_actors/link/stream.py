@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from attrs import frozen
 
-from .errors import LinkNotConnected, MirrorError, ObserverRoleViolation
-from .protocol import Ack, Frame, encode_frame, is_voter_class
+from mirror_actors.wire.errors import LinkNotConnected, MirrorError, ObserverRoleViolation
+from mirror_actors.wire.frames import Ack, Frame, encode_frame, is_voter_class
 
 if TYPE_CHECKING:
-    from .link_connection import LinkConnection
+    from mirror_actors.link.connection import LinkConnection
 
 
 class StreamClosed(MirrorError):

@@ -41,7 +41,7 @@ from typing import Literal
 
 from attrs import define, field
 
-from .loop_thread import LoopThread
+from mirror_actors.loop_thread import LoopThread
 
 Direction = Literal["both", "to_source", "to_mirror"]
 DIRECTIONS: tuple[str, str] = ("to_source", "to_mirror")

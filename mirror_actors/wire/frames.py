@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Final, TypeAlias
 import msgpack
 from attrs import field, frozen
 
-from .errors import ErrorCode, MalformedFrame
+from mirror_actors.wire.errors import ErrorCode, MalformedFrame
 
 PROTOCOL_VERSION: Final = 1
 ALPN: Final = "mirror/1"

@@ -39,10 +39,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from loguru import logger
 from OpenSSL import crypto
 
-from .errors import CRYPTO_ERROR_BASE
-from .loop_thread import LoopThread
-from .protocol import ALPN
-from .source_session import (
+from mirror_actors.loop_thread import LoopThread
+from mirror_actors.source.log import SourceStore
+from mirror_actors.source.session import (
     AbortStream,
     Action,
     CloseConnection,
@@ -52,7 +51,8 @@ from .source_session import (
     SourceSession,
     SourceSettings,
 )
-from .store import SourceStore
+from mirror_actors.wire.errors import CRYPTO_ERROR_BASE
+from mirror_actors.wire.frames import ALPN
 
 ALERT_BAD_CERTIFICATE = 42
 ALERT_CERTIFICATE_EXPIRED = 45

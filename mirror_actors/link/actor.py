@@ -17,17 +17,16 @@ import pykka
 from attrs import frozen
 from loguru import logger
 
+from mirror_actors.link.config import LinkConfig
+from mirror_actors.link.connection import LinkConnection
+from mirror_actors.link.deferred import DeferredReplies, reply, reply_error
+from mirror_actors.link.loop import QuicLoop
+from mirror_actors.link.state import LinkLifecycle, LinkState, LinkStatus
+from mirror_actors.link.stream import LinkStream, StreamListener
+from mirror_actors.wire.errors import LinkNotConnected, MirrorError, MirrorPromoted, TransportError
+from mirror_actors.wire.frames import HelloAck
 from supervisors import ExponentialBackoff, SupervisedActor
 from supervisors.backoff import JitterKind
-
-from .deferred import DeferredReplies, reply, reply_error
-from .errors import LinkNotConnected, MirrorError, MirrorPromoted, TransportError
-from .link_config import LinkConfig
-from .link_connection import LinkConnection
-from .link_state import LinkLifecycle, LinkState, LinkStatus
-from .protocol import HelloAck
-from .quic_loop import QuicLoop
-from .stream import LinkStream, StreamListener
 
 # -- the mailbox ----------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from .errors import MirrorError
+from mirror_actors.wire.errors import MirrorError
 
 READ_PIECE = 1 << 20
 

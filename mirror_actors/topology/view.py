@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .runner import LinkRow, RunSummary, TopologyRun
+from mirror_actors.topology.runner import LinkRow, RunSummary, TopologyRun
 
 REFRESH_SECONDS = 0.25
 PLAIN_EVERY_SECONDS = 2.0
