@@ -348,6 +348,20 @@ def _fill(log: Any, count: int, term: int, tag: bytes) -> None:
         log.append(tag + b" %d" % i, term=term)
 
 
+def _replicate_an_old_history(pki: DevPki, path: Path) -> int:
+    """A replica at ``path`` of 100 entries of term 1, from a source now stopped; its port."""
+    old = SourceStore(["orders"])
+    _fill(old["orders"], 100, 1, b"old")
+    running = server(pki, old)
+    first = MirrorDatabase.start(config(pki, running.port), SqliteReplicaStore(path, LINK))
+    try:
+        wait_until(lambda: status(first).applied_lsn == 100)
+    finally:
+        first.stop()
+        running.stop()
+    return running.port
+
+
 @pytest.mark.parametrize(
     ("new_count", "new_term", "words"),
     [(50, 1, "ahead"), (100, 2, "term")],
@@ -357,16 +371,7 @@ def test_a_source_with_another_history_escalates_and_the_replica_is_kept(
     pki: DevPki, tmp_path: Path, new_count: int, new_term: int, words: str
 ) -> None:
     path = tmp_path / "replica.db"
-    old = SourceStore(["orders"])
-    _fill(old["orders"], 100, 1, b"old")
-    running = server(pki, old)
-    port = running.port
-    first = MirrorDatabase.start(config(pki, port), SqliteReplicaStore(path, LINK))
-    try:
-        wait_until(lambda: status(first).applied_lsn == 100)
-    finally:
-        first.stop()
-        running.stop()
+    port = _replicate_an_old_history(pki, path)
     before = read_replica_file(path)
     new = SourceStore(["orders"])
     _fill(new["orders"], new_count, new_term, b"new")
@@ -395,16 +400,7 @@ def test_resync_replaces_the_replica_with_the_new_history(
     pki: DevPki, tmp_path: Path, new_count: int, new_term: int, compacted: bool
 ) -> None:
     path = tmp_path / "replica.db"
-    old = SourceStore(["orders"])
-    _fill(old["orders"], 100, 1, b"old")
-    running = server(pki, old)
-    port = running.port
-    first = MirrorDatabase.start(config(pki, port), SqliteReplicaStore(path, LINK))
-    try:
-        wait_until(lambda: status(first).applied_lsn == 100)
-    finally:
-        first.stop()
-        running.stop()
+    port = _replicate_an_old_history(pki, path)
     new = SourceStore(["orders"])
     _fill(new["orders"], new_count, new_term, b"new")
     if compacted:
