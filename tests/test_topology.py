@@ -1,11 +1,14 @@
 """Topology files: every example parses, and every mistake is a TopologyError saying where.
 
 Each error test writes a small TOML file under ``tmp_path`` and checks that the
-message names the file, the key path and what was expected.
+message names the file, the key path and what was expected.  Parsing imports
+nothing of the user's; ``topology.strategies`` does, and leaves ``sys.path`` as
+it found it.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import textwrap
@@ -15,15 +18,22 @@ from pathlib import Path
 import pytest
 
 from mirror_actors.link.actor import link_strategy
+from mirror_actors.topology import spec
 from mirror_actors.topology.spec import (
     BUILTIN_STRATEGIES,
     FAULT_ACTIONS,
     ON_DIVERGENCE,
+    StrategyReference,
     Topology,
     TopologyError,
     identifier_problem,
     load_topology,
     parse_topology,
+)
+from mirror_actors.topology.strategies import (
+    StrategyError,
+    import_strategy_module,
+    resolve_strategies,
     resolve_strategy,
 )
 from supervisors import (
@@ -53,7 +63,7 @@ BASE = SOURCE + MIRROR
 
 @pytest.fixture(autouse=True)
 def clean_imports(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """resolve_strategy puts a topology's folder on sys.path: undo it and forget the modules."""
+    """Forget the strategy modules a test imported (and restore sys.path, should one leak)."""
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = set(sys.modules)
     yield
@@ -69,14 +79,19 @@ def write(tmp_path: Path, text: str, name: str = "topology.toml") -> Path:
     return path
 
 
-def error_of(path: Path) -> TopologyError:
+def error_of(path: Path, resolve: bool = False) -> TopologyError:
     with pytest.raises(TopologyError) as raised:
-        load_topology(path)
+        topology = load_topology(path)
+        if resolve:
+            resolve_strategies(topology)
     return raised.value
 
 
-def assert_error(path: Path, key: str, *words: str) -> TopologyError:
-    error = error_of(path)
+def assert_error(path: Path, key: str, *words: str, resolve: bool = False) -> TopologyError:
+    """The one-line TopologyError of loading ``path`` (and, with ``resolve``, its strategies)."""
+    error = error_of(path, resolve)
+    if resolve:
+        load_topology(path)  # the file itself parses: only resolving fails
     message = str(error)
     assert message.startswith(f"{path}: {key}: "), message
     assert error.file == str(path) and error.key == key
@@ -101,6 +116,7 @@ def test_there_are_examples() -> None:
 def test_every_example_parses_and_its_strategies_resolve(path: Path) -> None:
     topology = load_topology(path)
     assert isinstance(topology, Topology)
+    strategies = resolve_strategies(topology)
     assert topology.file == str(path)
     assert topology.base_dir == EXAMPLES
     assert topology.description and topology.duration > 0
@@ -109,11 +125,11 @@ def test_every_example_parses_and_its_strategies_resolve(path: Path) -> None:
     assert len(names) == len(set(names))
     assert topology.expected_escalations <= set(names)
     assert [f.at for f in topology.faults] == sorted(f.at for f in topology.faults)
+    assert list(strategies) == [m.name for m in topology.mirrors]
     for mirror in topology.mirrors:
         for link in mirror.links:
             assert link.database in topology.source(link.source).databases
-        strategy = resolve_strategy(mirror.strategy, mirror.strategy_options, topology.base_dir)
-        assert isinstance(strategy, SupervisorStrategy)
+        assert isinstance(strategies[mirror.name], SupervisorStrategy)
 
 
 def test_example_details() -> None:
@@ -137,9 +153,10 @@ def test_example_details() -> None:
     assert wrong.expected_escalations == {"mirror/eu-west/orders"}
 
     custom = load_topology(EXAMPLES / "custom_strategy.toml")
-    breaker = resolve_strategy(
-        custom.mirrors[0].strategy, custom.mirrors[0].strategy_options, custom.base_dir
+    assert custom.mirrors[0].strategy_reference == StrategyReference(
+        "custom_strategy:CircuitBreaker", "custom_strategy", "CircuitBreaker"
     )
+    breaker = resolve_strategies(custom)["breaker"]
     assert type(breaker).__name__ == "CircuitBreaker"
     assert (breaker.max_failures, breaker.window, breaker.delay) == (3, 10.0, 0.25)  # type: ignore[attr-defined]
 
@@ -542,31 +559,56 @@ CUSTOM_MODULE = EXAMPLES / "custom_strategy.py"
     ("strategy", "words"),
     [
         ('"nope"', ["cannot build strategy 'nope'", "backoff", "module:attribute"]),
-        ('"no_such_module:X"', ["'no_such_module:X'", "No module named 'no_such_module'"]),
-        ('"custom_strategy:Missing"', ["'custom_strategy:Missing'", "Missing"]),
-        ('":X"', ["':X'"]),
+        ('":X"', ["':X'", "module:attribute", "the module '' is not one"]),
+        ('"custom_strategy:"', ["module:attribute", "the attribute '' is not one"]),
+        ('"my-strategies:X"', ["dotted Python names", "'my-strategies'"]),
+        ('"custom_strategy:Circuit Breaker"', ["'Circuit Breaker' is not one"]),
     ],
 )
-def test_strategy_that_cannot_be_resolved(tmp_path: Path, strategy: str, words: list[str]) -> None:
-    shutil.copy(CUSTOM_MODULE, tmp_path / "custom_strategy.py")
+def test_a_strategy_of_the_wrong_form_is_a_parse_error(
+    tmp_path: Path, strategy: str, words: list[str]
+) -> None:
     assert_error(write(tmp_path, with_mirror(strategy=strategy)), "mirror[0].strategy", *words)
 
 
 @pytest.mark.parametrize(
-    ("strategy", "options", "words"),
+    ("strategy", "words"),
     [
-        ('"backoff"', "{ bogus = 1 }", ["'bogus'"]),
-        ('"full-jitter"', "{ base = -1.0 }", ["base must be", "-1.0"]),
-        ('"backoff"', '{ jitter_kind = "full" }', ["jitter_kind"]),
-        ('"custom_strategy:CircuitBreaker"', "{ retries = 3 }", ["'retries'"]),
+        (
+            '"no_such_module:X"',
+            ["cannot build strategy 'no_such_module:X'", "no module 'no_such_module'", "expected"],
+        ),
+        (
+            '"custom_strategy:Missing"',
+            ["'custom_strategy:Missing'", "has no attribute 'Missing'", "expected"],
+        ),
+    ],
+)
+def test_a_strategy_that_cannot_be_resolved_is_an_error_when_resolving(
+    tmp_path: Path, strategy: str, words: list[str]
+) -> None:
+    shutil.copy(CUSTOM_MODULE, tmp_path / "custom_strategy.py")
+    path = write(tmp_path, with_mirror(strategy=strategy))
+    error = assert_error(path, "mirror[0].strategy", *words, resolve=True)
+    assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options", "words", "resolve"),
+    [
+        ('"backoff"', "{ bogus = 1 }", ["'bogus'"], False),
+        ('"full-jitter"', "{ base = -1.0 }", ["base must be", "-1.0"], False),
+        ('"backoff"', '{ jitter_kind = "full" }', ["jitter_kind"], False),
+        ('"custom_strategy:CircuitBreaker"', "{ retries = 3 }", ["'retries'"], True),
     ],
 )
 def test_strategy_options_the_strategy_does_not_take(
-    tmp_path: Path, strategy: str, options: str, words: list[str]
+    tmp_path: Path, strategy: str, options: str, words: list[str], resolve: bool
 ) -> None:
     shutil.copy(CUSTOM_MODULE, tmp_path / "custom_strategy.py")
     text = with_mirror(strategy=strategy, strategy_options=options)
-    assert_error(write(tmp_path, text), "mirror[0].strategy", "cannot build strategy", *words)
+    path = write(tmp_path, text)
+    assert_error(path, "mirror[0].strategy", "cannot build strategy", *words, resolve=resolve)
 
 
 def test_custom_strategy_next_to_the_file(tmp_path: Path) -> None:
@@ -609,14 +651,16 @@ def test_builtin_strategies(name: str, kind: JitterKind) -> None:
     assert (tuned.base, tuned.max_delay, tuned.max_restarts) == (0.25, 2.0, 4)
 
 
-def test_builtin_strategy_with_unknown_option_raises_type_error() -> None:
-    with pytest.raises(TypeError):
+def test_builtin_strategy_with_unknown_option_is_a_strategy_error() -> None:
+    with pytest.raises(StrategyError, match="does not take these strategy_options") as raised:
         resolve_strategy("backoff", {"bogus": 1})
+    assert isinstance(raised.value.__cause__, TypeError)
 
 
 def test_unknown_name_without_a_colon() -> None:
-    with pytest.raises(ValueError, match="built-in"):
+    with pytest.raises(StrategyError, match="built-in"):
         resolve_strategy("nope", {})
+    assert issubclass(StrategyError, ValueError)
 
 
 MODULE = """
@@ -672,7 +716,7 @@ def test_module_instance(tmp_path: Path, strategies_module: str) -> None:
     assert strategy is module.INSTANCE
     nested = resolve_strategy(f"{strategies_module}:Holder.NESTED", {}, tmp_path)
     assert nested is module.Holder.NESTED
-    with pytest.raises(TypeError, match="strategy instance"):
+    with pytest.raises(StrategyError, match="strategy instance, which takes no strategy_options"):
         resolve_strategy(f"{strategies_module}:INSTANCE", {"delay": 1.0}, tmp_path)
 
 
@@ -690,12 +734,14 @@ def test_module_factory_with_options(tmp_path: Path, strategies_module: str) -> 
 
 
 def test_module_attribute_that_is_no_strategy(tmp_path: Path, strategies_module: str) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(StrategyError, match=r"'NOT_A_STRATEGY' of module .* is no strategy"):
         resolve_strategy(f"{strategies_module}:NOT_A_STRATEGY", {}, tmp_path)
-    with pytest.raises(AttributeError):
-        resolve_strategy(f"{strategies_module}:Missing", {}, tmp_path)
-    with pytest.raises(ImportError):
+    with pytest.raises(StrategyError, match=r"has no attribute 'Holder\.MISSING'"):
+        resolve_strategy(f"{strategies_module}:Holder.MISSING", {}, tmp_path)
+    with pytest.raises(StrategyError, match="no module 'no_such_module_anywhere' in "):
         resolve_strategy("no_such_module_anywhere:X", {}, tmp_path)
+    with pytest.raises(StrategyError, match=r"make\(\*\*strategy_options\) raised TypeError"):
+        resolve_strategy(f"{strategies_module}:make", {"speed": 1}, tmp_path)
 
 
 def test_module_strategies_in_a_topology(tmp_path: Path, strategies_module: str) -> None:
@@ -706,8 +752,116 @@ def test_module_strategies_in_a_topology(tmp_path: Path, strategies_module: str)
     )
     topology = load_topology(write(tmp_path, text))
     assert [m.strategy.split(":")[1] for m in topology.mirrors] == ["Always", "INSTANCE", "decider"]
+    assert list(resolve_strategies(topology)) == ["m0", "m1", "m2"]
     bad = SOURCE + MIRROR + f'strategy = "{strategies_module}:NOT_A_STRATEGY"\n'
-    assert_error(write(tmp_path, bad), "mirror[0].strategy", "NOT_A_STRATEGY")
+    assert_error(write(tmp_path, bad), "mirror[0].strategy", "NOT_A_STRATEGY", resolve=True)
+
+
+# --- parsing imports nothing; resolving leaves sys.path as it was ----------------------------
+
+
+def test_parsing_imports_no_strategy_module_and_leaves_sys_path_alone(tmp_path: Path) -> None:
+    (tmp_path / "loud_strategy.py").write_text("raise SystemExit('imported while parsing')\n")
+    path_before, modules_before = list(sys.path), set(sys.modules)
+    topology = load_topology(write(tmp_path, with_mirror(strategy='"loud_strategy:Anything"')))
+    assert topology.mirrors[0].strategy == "loud_strategy:Anything"
+    assert sys.path == path_before
+    assert set(sys.modules) - modules_before == set()
+    assert not hasattr(spec, "sys") and not hasattr(spec, "importlib")
+
+
+def test_every_example_parses_without_touching_sys_path() -> None:
+    before = list(sys.path)
+    for path in EXAMPLE_FILES:
+        load_topology(path)
+    assert sys.path == before
+    assert "custom_strategy" not in sys.modules
+
+
+def test_resolving_leaves_sys_path_as_it_was() -> None:
+    before = list(sys.path)
+    custom = load_topology(EXAMPLES / "custom_strategy.toml")
+    strategies = resolve_strategies(custom)
+    assert type(strategies["breaker"]).__name__ == "CircuitBreaker"
+    assert sys.path == before
+    assert str(EXAMPLES) not in sys.path
+    # Once imported, the module is reused (as import would), still without the folder.
+    again = resolve_strategy("custom_strategy:CircuitBreaker", {}, EXAMPLES)
+    assert type(again) is type(strategies["breaker"])
+    assert sys.path == before
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ("raise RuntimeError('broken\\nstrategy')\n", ["raised RuntimeError: broken strategy"]),
+        ("import not_installed_anywhere\n", ["No module named 'not_installed_anywhere'"]),
+        ("def broken(:\n", ["raised SyntaxError"]),
+    ],
+)
+def test_a_module_that_fails_to_import_leaves_sys_path_as_it_was(
+    tmp_path: Path, body: str, words: list[str]
+) -> None:
+    name = f"failing_{abs(hash((tmp_path, body))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(body)
+    before = list(sys.path)
+    path = write(tmp_path, with_mirror(strategy=f'"{name}:X"'))
+    error = assert_error(
+        path, "mirror[0].strategy", f"importing module {name!r}", *words, resolve=True
+    )
+    assert "\n" not in str(error)
+    assert sys.path == before
+    assert name not in sys.modules
+
+
+def test_a_missing_module_leaves_sys_path_as_it_was(tmp_path: Path) -> None:
+    before = list(sys.path)
+    with pytest.raises(StrategyError, match=re.escape(f"no module 'absent' in {tmp_path}")):
+        resolve_strategy("absent:X", {}, tmp_path)
+    assert sys.path == before
+
+
+def test_a_folder_already_on_sys_path_stays_there(tmp_path: Path, strategies_module: str) -> None:
+    sys.path.append(str(tmp_path))
+    before = list(sys.path)
+    resolve_strategy(f"{strategies_module}:Always", {}, tmp_path)
+    assert sys.path == before
+
+
+def test_a_strategy_module_may_import_its_neighbours_while_it_loads(tmp_path: Path) -> None:
+    suffix = abs(hash(tmp_path)) % 10**8
+    (tmp_path / f"helpers_{suffix}.py").write_text("DELAY = 4.0\n")
+    (tmp_path / f"uses_helpers_{suffix}.py").write_text(
+        f"from helpers_{suffix} import DELAY\n" + MODULE
+    )
+    module = import_strategy_module(f"uses_helpers_{suffix}", tmp_path)
+    assert module.DELAY == 4.0
+    assert str(tmp_path) not in sys.path
+
+
+def test_a_package_next_to_the_file(tmp_path: Path) -> None:
+    package = tmp_path / f"pkg_{abs(hash(tmp_path)) % 10**8}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "rules.py").write_text(MODULE)
+    strategy = resolve_strategy(f"{package.name}.rules:Always", {"delay": 2.5}, tmp_path)
+    assert strategy.decide(failure()) == Restart(2.5)
+    assert str(tmp_path) not in sys.path
+
+
+def test_the_old_import_from_spec_still_resolves(tmp_path: Path, strategies_module: str) -> None:
+    before = list(sys.path)
+    strategy = spec.resolve_strategy(f"{strategies_module}:Always", {"delay": 3.0}, tmp_path)
+    assert strategy.decide(failure()) == Restart(3.0)
+    assert isinstance(spec.resolve_strategy("backoff", {}), ExponentialBackoff)
+    assert sys.path == before
+
+
+def test_strategy_reference_is_a_value() -> None:
+    assert StrategyReference.parse("backoff") == StrategyReference("backoff")
+    assert StrategyReference.parse("a.b:C.d") == StrategyReference("a.b:C.d", "a.b", "C.d")
+    with pytest.raises(ValueError, match="module:attribute"):
+        StrategyReference.parse("a.b")
 
 
 # --- link options, on_divergence and ids --------------------------------------------------

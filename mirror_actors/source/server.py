@@ -40,6 +40,7 @@ from loguru import logger
 from OpenSSL import crypto
 
 from mirror_actors.loop_thread import LoopThread
+from mirror_actors.source import quic_internals
 from mirror_actors.source.log import SourceStore
 from mirror_actors.source.session import (
     AbortStream,
@@ -104,6 +105,10 @@ class _MirrorConnection(QuicConnectionProtocol):
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, server: SourceServer):
         super().__init__(quic, stream_handler)
+        # Our own references to the connection and loop we run on, rather than the
+        # base class's protected ``_quic`` and ``_loop``.
+        self._connection = quic
+        self._event_loop = asyncio.get_running_loop()
         self._server = server
         self._peer = ""
         self.session: SourceSession | None = None
@@ -116,7 +121,7 @@ class _MirrorConnection(QuicConnectionProtocol):
         self._held: list[events.QuicEvent] = []
         self._held_bytes = 0
         if server.client_ca_file is not None:
-            _request_client_certificate(quic)
+            quic_internals.request_client_certificate(quic)
 
     # -- aioquic hooks ------------------------------------------------------
 
@@ -153,7 +158,7 @@ class _MirrorConnection(QuicConnectionProtocol):
             self._apply(session.stream_reset(event.stream_id))
         elif isinstance(event, events.StopSendingReceived):
             self._apply(session.stream_reset(event.stream_id))
-            self._quietly(self._quic.reset_stream, event.stream_id, event.error_code)
+            self._quietly(self._connection.reset_stream, event.stream_id, event.error_code)
         elif isinstance(event, events.HandshakeCompleted):
             self._handshake_completed()
         elif isinstance(event, events.ConnectionTerminated):
@@ -204,15 +209,18 @@ class _MirrorConnection(QuicConnectionProtocol):
         for action in actions:
             if isinstance(action, SendData):
                 self._quietly(
-                    self._quic.send_stream_data, action.stream_id, action.data, action.end_stream
+                    self._connection.send_stream_data,
+                    action.stream_id,
+                    action.data,
+                    action.end_stream,
                 )
             elif isinstance(action, AbortStream):
-                self._quietly(self._quic.stop_stream, action.stream_id, action.code)
+                self._quietly(self._connection.stop_stream, action.stream_id, action.code)
             elif isinstance(action, ResetStream):
-                self._quietly(self._quic.reset_stream, action.stream_id, action.code)
+                self._quietly(self._connection.reset_stream, action.stream_id, action.code)
             elif action.after_streams:
                 self._pending_close = action
-                self._linger = self._loop.call_later(CLOSE_LINGER_SECONDS, self._close_now)
+                self._linger = self._event_loop.call_later(CLOSE_LINGER_SECONDS, self._close_now)
                 # Push the reply out now; the close waits until the peer acknowledged it.
                 self.transmit()
             else:
@@ -222,13 +230,11 @@ class _MirrorConnection(QuicConnectionProtocol):
         pending = self._pending_close
         if pending is None:
             return
-        # aioquic has no delivery event for stream data; its stream senders know.
-        streams = getattr(self._quic, "_streams", {})
-        for stream_id in pending.after_streams:
-            stream = streams.get(stream_id)
-            if stream is not None and not stream.sender.is_finished:
-                return
-        self._close_now()
+        if all(
+            quic_internals.stream_delivered(self._connection, stream_id)
+            for stream_id in pending.after_streams
+        ):
+            self._close_now()
 
     def _close_now(self) -> None:
         pending, self._pending_close = self._pending_close, None
@@ -255,7 +261,7 @@ class _MirrorConnection(QuicConnectionProtocol):
         ca_file = self._server.client_ca_file
         if ca_file is not None:
             try:
-                problem = _client_certificate_problem(self._quic, ca_file)
+                problem = _client_certificate_problem(self._connection, ca_file)
             except Exception as error:  # fail closed: whatever broke, this peer is not verified
                 log.warning(
                     "could not verify a mirror's client certificate against client_ca_file {!r}: "
@@ -285,7 +291,7 @@ class _MirrorConnection(QuicConnectionProtocol):
     def _refuse(self, alert: int, detail: str) -> None:
         self._refused = True
         self._held.clear()
-        self._quic.close(
+        self._connection.close(
             error_code=CRYPTO_ERROR_BASE + alert,
             frame_type=QuicFrameType.CRYPTO,
             reason_phrase=detail[:200],
@@ -293,28 +299,18 @@ class _MirrorConnection(QuicConnectionProtocol):
         self.transmit()
 
 
-def _request_client_certificate(quic: QuicConnection) -> None:
-    # aioquic 1.x can ask a client for its certificate only through a private
-    # flag of its TLS context, which exists once the first datagram arrives.
-    initialize = quic._initialize
-
-    def initialize_requesting_certificate(peer_cid: bytes) -> None:
-        initialize(peer_cid)
-        quic.tls._request_client_certificate = True
-
-    quic._initialize = initialize_requesting_certificate  # type: ignore[method-assign]
-
-
 def _client_certificate_problem(quic: QuicConnection, ca_file: str) -> tuple[int, str] | None:
     # aioquic checks the client's signature but never its chain: do it here.
     # The CA file is read again for each connection (so a rotated CA applies at
     # once); a file that broke since start() raises, and the caller refuses.
     _load_client_ca(ca_file)
-    certificate = quic.tls._peer_certificate
+    certificate = quic_internals.peer_certificate(quic)
     if certificate is None:
         return ALERT_CERTIFICATE_REQUIRED, "this source requires a client certificate (mutual TLS)"
     try:
-        verify_certificate(certificate, chain=quic.tls._peer_certificate_chain, cafile=ca_file)
+        verify_certificate(
+            certificate, chain=quic_internals.peer_certificate_chain(quic), cafile=ca_file
+        )
     except AlertCertificateExpired as error:
         return ALERT_CERTIFICATE_EXPIRED, f"client certificate rejected: {error}"
     except AlertBadCertificate as error:
@@ -449,6 +445,7 @@ class SourceServer:
         """Listen; ``SourceConfigError`` (before anything starts) if a certificate file is unusable."""
         if self.running:
             return self
+        quic_internals.require_internals()
         check_source_files(self.certfile, self.keyfile, self.client_ca_file)
         configuration = self._configuration()
         self._limits = SourceLimits.from_settings(self.settings)
@@ -532,9 +529,7 @@ class SourceServer:
             configuration=configuration,
             create_protocol=self._create_protocol,
         )
-        transport = self._quic_server._transport
-        assert transport is not None
-        port: int = transport.get_extra_info("sockname")[1]
+        port = quic_internals.bound_port(self._quic_server)
         self._schedule_tick()
         return port
 

@@ -38,7 +38,8 @@ from mirror_actors.replica.stores import (
 )
 from mirror_actors.source.log import SourceStore
 from mirror_actors.source.server import SourceServer
-from mirror_actors.topology.spec import FaultSpec, LinkSpec, MirrorSpec, Topology, resolve_strategy
+from mirror_actors.topology.spec import FaultSpec, LinkSpec, MirrorSpec, Topology
+from mirror_actors.topology.strategies import resolve_strategies
 from mirror_actors.wire.errors import MirrorError
 from supervisors import (
     ChildSpec,
@@ -233,6 +234,8 @@ class TopologyRun:
     # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
+        # Before any source starts: a strategy that cannot be built starts nothing.
+        strategies = resolve_strategies(self.topology)
         for spec in self.topology.sources:
             source = self.sources[spec.cluster]
             source.start()
@@ -245,9 +248,7 @@ class TopologyRun:
                     source.store[database].compact(source.store[database].last_lsn)
         children = []
         for mirror in self.topology.mirrors:
-            strategy = resolve_strategy(
-                mirror.strategy, mirror.strategy_options, self.topology.base_dir
-            )
+            strategy = strategies[mirror.name]
             for link_spec in mirror.links:
                 link = self._make_link(mirror, link_spec)
                 self._links[link.name] = link

@@ -4,6 +4,12 @@ Parsing is pure and strict: an unknown key, a wrong type or a reference to a
 source that is not declared is a ``TopologyError`` naming the file, the key and
 what was expected, and nothing starts.
 
+Parsing runs no code of the user's: a built-in ``strategy`` is built to check
+its ``strategy_options``, a ``module:attribute`` one is checked for its form
+and kept as a string.  ``mirror_actors.topology.strategies.resolve_strategies``
+imports those modules (from the topology file's folder first) and reports what
+it cannot build as a ``TopologyError`` for the same ``mirror[i].strategy`` key.
+
 ```toml
 [run]
 duration = 20                      # seconds
@@ -55,9 +61,7 @@ of the plan, so it leaves the verification's exit code as it is.
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 import tomllib
 import unicodedata
 from collections.abc import Mapping
@@ -68,7 +72,7 @@ from attrs import field, frozen
 
 from mirror_actors.link.config import DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL
 from mirror_actors.pki import validate_dns_name
-from supervisors import JitterKind, SupervisorStrategy, as_strategy
+from supervisors import JitterKind, SupervisorStrategy
 
 FAULT_ACTIONS = (
     "stop_source",
@@ -119,6 +123,35 @@ class TopologyError(ValueError):
 
 
 @frozen
+class StrategyReference:
+    """A mirror's ``strategy`` as written: a built-in name, or ``module:attribute``.
+
+    A value only: nothing is imported.  ``module`` is None for a built-in.
+    """
+
+    text: str
+    module: str | None = None
+    attribute: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> StrategyReference:
+        """``ValueError`` (saying what was expected) for anything but the two forms."""
+        if text in BUILTIN_STRATEGIES:
+            return cls(text)
+        expected = f"expected a built-in ({', '.join(BUILTIN_STRATEGIES)}) or module:attribute"
+        if ":" not in text:
+            raise ValueError(expected)
+        module, _, attribute = text.partition(":")
+        for what, value in (("module", module), ("attribute", attribute)):
+            if not all(part.isidentifier() for part in value.split(".")):
+                raise ValueError(
+                    f"{expected}, with dotted Python names on both sides; the {what} "
+                    f"{value!r} is not one"
+                )
+        return cls(text, module, attribute)
+
+
+@frozen
 class SourceSpec:
     cluster: str
     databases: tuple[str, ...]
@@ -149,6 +182,11 @@ class MirrorSpec:
 
     def link_name(self, link: LinkSpec) -> str:
         return f"{self.name}/{link.cluster_id}/{link.database}"
+
+    @property
+    def strategy_reference(self) -> StrategyReference:
+        """``strategy`` parsed (parsing the topology checked it)."""
+        return StrategyReference.parse(self.strategy)
 
 
 @frozen
@@ -328,7 +366,6 @@ def parse_topology(data: Mapping[str, Any], file: str, base_dir: Path) -> Topolo
                 ("name", "links", "strategy", "strategy_options", "store", "on_divergence"),
             ),
             {s.cluster: s for s in sources},
-            base_dir,
             link_defaults,
         )
         for i, raw in enumerate(top.tables("mirror"))
@@ -414,7 +451,6 @@ def _source(table: _Table) -> SourceSpec:
 def _mirror(
     table: _Table,
     sources: Mapping[str, SourceSpec],
-    base_dir: Path,
     link_defaults: Mapping[str, float | int],
 ) -> MirrorSpec:
     links: list[LinkSpec] = []
@@ -466,8 +502,10 @@ def _mirror(
     strategy = table.get("strategy", str, "backoff")
     options = table.get("strategy_options", dict, {})
     try:
-        resolve_strategy(strategy, options, base_dir)
-    except Exception as error:  # whatever the user's module raises, report it here
+        if StrategyReference.parse(strategy).module is None:
+            # Building a built-in runs none of the user's code: check its options now.
+            builtin_strategy(strategy, options)
+    except Exception as error:
         raise table.error("strategy", f"cannot build strategy {strategy!r}: {error}") from None
     name = table.get("name", str)
     if not name or "/" in name or identifier_problem(name) is not None:
@@ -526,31 +564,21 @@ def _fault(table: _Table, clusters: list[str], link_names: set[str]) -> FaultSpe
     )
 
 
+def builtin_strategy(name: str, options: Mapping[str, Any]) -> SupervisorStrategy:
+    """The built-in strategy ``name`` (a ``BUILTIN_STRATEGIES`` key) built with ``options``."""
+    from mirror_actors.link.actor import link_strategy
+
+    return link_strategy(jitter_kind=BUILTIN_STRATEGIES[name], **options)
+
+
 def resolve_strategy(
     spec: str, options: Mapping[str, Any], base_dir: Path | None = None
 ) -> SupervisorStrategy:
-    """A built-in strategy by name, or ``module:attribute`` (a strategy, class or factory)."""
-    from mirror_actors.link.actor import link_strategy
+    """Kept for old imports: ``mirror_actors.topology.strategies.resolve_strategy``.
 
-    if spec in BUILTIN_STRATEGIES:
-        return link_strategy(jitter_kind=BUILTIN_STRATEGIES[spec], **options)
-    if ":" not in spec:
-        raise ValueError(
-            f"expected a built-in ({', '.join(BUILTIN_STRATEGIES)}) or module:attribute"
-        )
-    module_name, _, attribute = spec.partition(":")
-    if base_dir is not None and str(base_dir) not in sys.path:
-        # Strategies written next to the topology file import like scripts do.
-        sys.path.insert(0, str(base_dir))
-    target: Any = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        target = getattr(target, part)
-    if isinstance(target, SupervisorStrategy):
-        if options:
-            raise TypeError("strategy_options given for a strategy instance")
-        return target
-    if isinstance(target, type) or options:
-        # A class, or a factory given options: build the strategy.
-        return as_strategy(target(**options))
-    # A plain function taking a Failure and answering a directive.
-    return as_strategy(target)
+    Importing user code is no part of parsing; the import here is deferred so
+    that importing this module never loads ``strategies``.
+    """
+    from mirror_actors.topology import strategies
+
+    return strategies.resolve_strategy(spec, options, base_dir)
