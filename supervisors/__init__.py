@@ -9,6 +9,7 @@ from supervisors.child import (
     RestartType,
 )
 from supervisors.clock import Clock, MonotonicClock, TimerHandle
+from supervisors.decisions import Verdict, ask_strategy, decide, settle
 from supervisors.delays import MAX_DELAY_SECONDS, check_delay
 from supervisors.directives import Directive, Escalate, Restart, Resume, Stop
 from supervisors.errors import (
@@ -25,7 +26,7 @@ from supervisors.errors import (
     SupervisorStopped,
 )
 from supervisors.failure import EscalationEvent, Failure
-from supervisors.intensity import RestartIntensity
+from supervisors.intensity import RestartIntensity, admit_restart
 from supervisors.messages import (
     AskChild,
     CountChildren,
@@ -37,14 +38,17 @@ from supervisors.messages import (
     StopChild,
     WhichChildren,
 )
+from supervisors.replies import DeferredReplies, reply, reply_error
 from supervisors.scope import Scope, plan_scope
 from supervisors.strategy import (
     DEFAULT_RESET_AFTER,
     CallableStrategy,
     ExponentialBackoff,
+    Policy,
     SupervisorStrategy,
     as_strategy,
     is_hard_error,
+    policy_of,
 )
 from supervisors.supervised import SupervisedActor
 from supervisors.supervisor import Supervisor, ask_child
@@ -63,6 +67,7 @@ __all__ = [
     "ChildUnavailable",
     "Clock",
     "CountChildren",
+    "DeferredReplies",
     "Directive",
     "DuplicateChild",
     "Escalate",
@@ -74,6 +79,7 @@ __all__ = [
     "JitterKind",
     "MonotonicClock",
     "NormalExit",
+    "Policy",
     "RandomSource",
     "ResetBackoff",
     "Restart",
@@ -95,12 +101,20 @@ __all__ = [
     "SupervisorStopped",
     "SupervisorStrategy",
     "TimerHandle",
+    "Verdict",
     "WhichChildren",
+    "admit_restart",
     "as_strategy",
     "ask_child",
+    "ask_strategy",
     "check_delay",
+    "decide",
     "delay_bounds",
     "is_hard_error",
     "nominal_delay",
     "plan_scope",
+    "policy_of",
+    "reply",
+    "reply_error",
+    "settle",
 ]

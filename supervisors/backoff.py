@@ -8,7 +8,12 @@ import random
 from collections.abc import Callable
 
 RandomSource = random.Random | Callable[[], float]
-"""A `random.Random` or a callable returning a float in [0, 1)."""
+"""A `random.Random` or a callable returning a float in [0, 1).
+
+A strategy holds it as a field: the strategy is a value, the source it refers
+to has state of its own (each draw advances it), shared by every copy of the
+strategy made with `attrs.evolve`.
+"""
 
 
 class JitterKind(enum.Enum):
@@ -25,9 +30,12 @@ class JitterKind(enum.Enum):
 
 
 def as_unit_random(source: RandomSource | None) -> Callable[[], float]:
-    """Normalise a random source to a callable returning floats in [0, 1)."""
+    """Normalise a random source to a callable returning floats in [0, 1).
+
+    None is the `random` module's own generator, shared by the process.
+    """
     if source is None:
-        return random.Random().random
+        return random.random
     if isinstance(source, random.Random):
         return source.random
     return source
@@ -53,8 +61,35 @@ def nominal_delay(failures_in_a_row: int, base: float, factor: float, max_delay:
     return min(max_delay, delay)
 
 
-def _between(low: float, high: float, unit: float) -> float:
-    return low + (high - low) * unit
+def jitter_span(
+    kind: JitterKind,
+    nominal: float,
+    *,
+    jitter: float,
+    base: float,
+    max_delay: float,
+    previous_delay: float | None,
+) -> tuple[float, float, float]:
+    """Each jitter kind, written once: the delay is uniform in `[low, high]`,
+    then capped at `cap`; returns `(low, high, cap)`."""
+    if kind is JitterKind.NONE:
+        return nominal, nominal, math.inf
+    if kind is JitterKind.UNIFORM:
+        return nominal * (1.0 - jitter), nominal * (1.0 + jitter), math.inf
+    if kind is JitterKind.FULL:
+        return 0.0, nominal, math.inf
+    if kind is JitterKind.EQUAL:
+        return nominal / 2.0, nominal, math.inf
+    previous = base if previous_delay is None else max(previous_delay, base)
+    return base, previous * 3.0, max_delay
+
+
+def draw_unit(unit_random: Callable[[], float]) -> float:
+    """One draw from a random source, refused unless it is a float in [0, 1)."""
+    drawn = unit_random()
+    if isinstance(drawn, bool) or not isinstance(drawn, int | float) or math.isnan(drawn):
+        raise ValueError(f"the random source must return floats in [0, 1), got {drawn!r}")
+    return min(max(float(drawn), 0.0), 1.0)
 
 
 def jittered_delay(
@@ -69,19 +104,11 @@ def jittered_delay(
 ) -> float:
     """Apply one jitter kind to a nominal delay; see `JitterKind` for the bounds."""
     if kind is JitterKind.NONE:
-        return nominal
-    drawn = unit_random()
-    if isinstance(drawn, bool) or not isinstance(drawn, int | float) or math.isnan(drawn):
-        raise ValueError(f"the random source must return floats in [0, 1), got {drawn!r}")
-    unit = min(max(float(drawn), 0.0), 1.0)
-    if kind is JitterKind.UNIFORM:
-        return nominal * _between(1.0 - jitter, 1.0 + jitter, unit)
-    if kind is JitterKind.FULL:
-        return _between(0.0, nominal, unit)
-    if kind is JitterKind.EQUAL:
-        return nominal / 2.0 + _between(0.0, nominal / 2.0, unit)
-    previous = base if previous_delay is None else max(previous_delay, base)
-    return min(max_delay, _between(base, previous * 3.0, unit))
+        return nominal  # no draw: a random source is not consulted for nothing
+    low, high, cap = jitter_span(
+        kind, nominal, jitter=jitter, base=base, max_delay=max_delay, previous_delay=previous_delay
+    )
+    return min(cap, low + (high - low) * draw_unit(unit_random))
 
 
 def delay_bounds(
@@ -94,16 +121,10 @@ def delay_bounds(
     previous_delay: float | None,
 ) -> tuple[float, float]:
     """The interval `jittered_delay` stays in, for documentation and tests."""
-    if kind is JitterKind.NONE:
-        return nominal, nominal
-    if kind is JitterKind.UNIFORM:
-        return nominal * (1.0 - jitter), nominal * (1.0 + jitter)
-    if kind is JitterKind.FULL:
-        return 0.0, nominal
-    if kind is JitterKind.EQUAL:
-        return nominal / 2.0, nominal
-    previous = base if previous_delay is None else max(previous_delay, base)
-    return min(base, max_delay), min(max_delay, previous * 3.0)
+    low, high, cap = jitter_span(
+        kind, nominal, jitter=jitter, base=base, max_delay=max_delay, previous_delay=previous_delay
+    )
+    return min(low, cap), min(high, cap)
 
 
 def failures_in_a_row(previous: int, uptime: float, reset_after: float | None) -> int:

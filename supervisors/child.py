@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from pykka import ActorRef
@@ -13,6 +13,9 @@ from pykka import ActorRef
 from supervisors.backoff import failures_in_a_row
 from supervisors.failure import Failure
 from supervisors.stash import Stash
+
+if TYPE_CHECKING:
+    from supervisors.any_actor import ActorFactory
 
 HISTORY_LENGTH = 10
 
@@ -48,7 +51,8 @@ class ChildSpec:
     """How to (re)create a child: `start(parent_ref)` returns the new child's ref.
 
     Pass the parent on to a `SupervisedActor` so it can report to its supervisor:
-    `ChildSpec("db", lambda parent: Db.start(parent=parent))`.
+    `ChildSpec("db", lambda parent: Db.start(parent=parent))`. Any other pykka
+    actor: `ChildSpec.for_actor("db", Db, args=(dsn,))`.
     """
 
     id: str
@@ -56,6 +60,30 @@ class ChildSpec:
     restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=_restart_type)
     stop_timeout: float | None = None
     """Seconds to wait for the child to stop (None: the supervisor's stop_timeout)."""
+
+    @classmethod
+    def for_actor(
+        cls,
+        id: str,
+        actor: ActorFactory,
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        restart: RestartType | str = RestartType.PERMANENT,
+        stop_timeout: float | None = None,
+    ) -> ChildSpec:
+        """Supervise any pykka `ThreadingActor`, unchanged.
+
+        `actor` is the actor class, built as `actor(*args, **kwargs)`, or a
+        factory called the same way that returns a new actor object, not yet
+        started (`lambda: Plain(config)`, not `lambda: Plain.start(config)`).
+        The supervisor builds it (in its own thread), makes it report its crash
+        (with the real exception) and its normal stop at once, and starts it.
+        A `SupervisedActor` built this way gets its `parent` set.
+        """
+        from supervisors.any_actor import for_actor
+
+        return cls(id, for_actor(actor, args, kwargs), restart, stop_timeout)
 
 
 @attrs.frozen

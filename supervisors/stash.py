@@ -7,16 +7,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import attrs
-from pykka import Future
 
 from supervisors.errors import StashOverflow
+from supervisors.replies import ReplyRelay
 
 
 @attrs.frozen
 class Stashed:
     message: Any
-    reply: Future[Any] | None = None
-    """Set for asks: the future the original asker waits on."""
+    reply: ReplyRelay | None = None
+    """Set for asks: relays the child's answer to the original asker."""
 
 
 class Stash:

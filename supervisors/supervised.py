@@ -1,18 +1,62 @@
-"""Base class for children that report to their supervisor."""
+"""Children that report to their supervisor: `SupervisedActor`, and the reporting
+that `ChildSpec.for_actor` mixes into any plain pykka actor."""
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any
 
-import pykka
 from loguru import logger
 from pykka import ActorDeadError, ActorRef
 
+from supervisors._pykka import CrashFinish, LifecycleActor
 from supervisors.messages import ChildExited, ChildFailed
+from supervisors.replies import DeferringActor
 
 
-class SupervisedActor(pykka.ThreadingActor):
+class Reporter(LifecycleActor):
+    """Tells `_supervisors_report_to()` how the actor ended, once.
+
+    An exception in `on_start`, in handling a told message, or in `on_stop` is a
+    failure (with that exception); a normal stop is a normal exit.
+    """
+
+    _supervisors_exit_reported = False
+
+    def _supervisors_report_to(self) -> ActorRef[Any] | None:
+        return None
+
+    def _supervisors_cleanup(self) -> None:
+        """Runs before pykka's own crash handling, on the first crash only."""
+
+    def _supervisors_notify(self, message: ChildFailed | ChildExited) -> bool:
+        parent = self._supervisors_report_to()
+        if parent is None:
+            return False
+        try:
+            parent.tell(message)
+        except ActorDeadError:
+            return False
+        return True
+
+    def _supervisors_crashed(self, error: BaseException, finish: CrashFinish) -> None:
+        first_report = not self._supervisors_exit_reported
+        self._supervisors_exit_reported = True
+        if first_report:
+            try:
+                self._supervisors_cleanup()
+            except Exception:
+                logger.exception("cleanup after a crash failed in {}", self)
+        finish()
+        if first_report:
+            self._supervisors_notify(ChildFailed(self.actor_urn, error, alive=False))
+
+    def _supervisors_stopped(self) -> None:
+        if not self._supervisors_exit_reported:
+            self._supervisors_exit_reported = True
+            self._supervisors_notify(ChildExited(self.actor_urn))
+
+
+class SupervisedActor(DeferringActor, Reporter):
     """A pykka `ThreadingActor` that tells its supervisor how it ends.
 
     - an exception in `on_start`, in handling a told message, or in `on_stop`
@@ -21,15 +65,17 @@ class SupervisedActor(pykka.ThreadingActor):
       restarted for;
     - `report_failure(error)` reports a failure while the actor stays alive; the
       supervisor then restarts it in place by calling `on_restart()` in the
-      actor's own thread, and its ref and mailbox stay valid.
+      actor's own thread, and its ref and mailbox stay valid;
+    - `defer_reply()` answers an ask later (see `supervisors.replies`).
 
-    Without a parent (`parent=None`) it is an ordinary actor.
+    Without a parent (`parent=None`) it is an ordinary actor. Any other pykka
+    actor can be supervised too, through `ChildSpec.for_actor`, but only a
+    `SupervisedActor` can report a failure it caught itself.
     """
 
     def __init__(self, *args: Any, parent: ActorRef[Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.parent = parent
-        self._exit_reported = False
 
     @property
     def supervised(self) -> bool:
@@ -65,13 +111,13 @@ class SupervisedActor(pykka.ThreadingActor):
             self.report_failure(error)
 
     def _notify(self, message: ChildFailed | ChildExited) -> bool:
-        if self.parent is None:
-            return False
-        try:
-            self.parent.tell(message)
-        except ActorDeadError:
-            return False
-        return True
+        return self._supervisors_notify(message)
+
+    def _supervisors_report_to(self) -> ActorRef[Any] | None:
+        return self.parent
+
+    def _supervisors_cleanup(self) -> None:
+        self._before_abnormal_exit()
 
     def _before_abnormal_exit(self) -> None:
         """Hook for subclasses that own resources to release when the actor crashes."""
@@ -81,34 +127,7 @@ class SupervisedActor(pykka.ThreadingActor):
 
         Returns False if no supervisor heard about it.
         """
-        self._exit_reported = True
+        self._supervisors_exit_reported = True
         heard = self._notify(ChildFailed(self.actor_urn, error, alive=False))
         self.stop()
         return heard
-
-    # pykka calls _handle_failure whenever the actor dies from an exception:
-    # in on_start (where on_failure is never called), while handling a told
-    # message, and in on_stop. It is the one place that sees every crash.
-    def _handle_failure(
-        self,
-        exception_type: type[BaseException] | None,
-        exception_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        first_report = not self._exit_reported
-        self._exit_reported = True
-        if first_report:
-            try:
-                self._before_abnormal_exit()
-            except Exception:
-                logger.exception("cleanup after a crash failed in {}", self)
-        super()._handle_failure(exception_type, exception_value, traceback)
-        if first_report:
-            error = exception_value or RuntimeError(f"{self} died from {exception_type!r}")
-            self._notify(ChildFailed(self.actor_urn, error, alive=False))
-
-    def _stop(self) -> None:
-        super()._stop()
-        if not self._exit_reported:
-            self._exit_reported = True
-            self._notify(ChildExited(self.actor_urn))

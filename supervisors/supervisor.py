@@ -3,35 +3,37 @@
 from __future__ import annotations
 
 import itertools
-import queue
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import attrs
 import pykka
 from loguru import logger
 from pykka import ActorDeadError, ActorRef, Future
-from pykka._envelope import Envelope
 from pykka.messages import ProxyCall
 
-from supervisors.child import ChildCounts, ChildRecord, ChildSpec, ChildState, RestartType
+from supervisors.any_actor import StartActor
+from supervisors.child import (
+    ChildCounts,
+    ChildRecord,
+    ChildSpec,
+    ChildState,
+    ChildStatus,
+    RestartType,
+)
 from supervisors.clock import Clock, MonotonicClock, TimerHandle
-from supervisors.delays import check_delay
-from supervisors.directives import Directive, Escalate, Restart, Resume, Stop
+from supervisors.decisions import decide
+from supervisors.directives import Directive, Restart, Resume, Stop
 from supervisors.errors import (
-    BrokenStrategy,
     ChildNotFound,
     ChildUnavailable,
     DuplicateChild,
     EscalatedFailure,
     NormalExit,
-    RestartIntensityExceeded,
     SupervisorError,
     SupervisorShutDown,
     SupervisorStopped,
 )
 from supervisors.failure import EscalationEvent, Failure
-from supervisors.intensity import RestartIntensity
 from supervisors.messages import (
     AskChild,
     ChildExited,
@@ -46,9 +48,10 @@ from supervisors.messages import (
     StopChild,
     WhichChildren,
 )
+from supervisors.replies import ReplyRelay
 from supervisors.scope import plan_scope
 from supervisors.stash import Stashed
-from supervisors.strategy import SupervisorStrategy, as_strategy
+from supervisors.strategy import SupervisorStrategy, as_strategy, policy_of
 from supervisors.supervised import SupervisedActor
 
 DEFAULT_STASH_LIMIT = 100
@@ -58,25 +61,6 @@ StrategyLike = SupervisorStrategy | Callable[[Failure], Directive] | None
 EscalationHandler = Callable[[EscalationEvent], None]
 
 
-class _AskAwareInbox(queue.Queue[Any]):
-    """Remembers whether the envelope being handled was asked.
-
-    A request that fails raises its typed error to an asker; the same request
-    merely told must not take the whole supervision tree down with it.
-    """
-
-    last_was_ask = False
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        envelope = super().get(block, timeout)
-        self.last_was_ask = getattr(envelope, "reply_to", None) is not None
-        return envelope
-
-
-def _exc_info(error: BaseException) -> tuple[type[BaseException], BaseException, None]:
-    return type(error), error, None
-
-
 class Supervisor(SupervisedActor):
     """A pykka actor that starts, watches and restarts its children.
 
@@ -84,6 +68,12 @@ class Supervisor(SupervisedActor):
     on_escalation=None, parent=None, name=None, stash_limit=100, stop_timeout=5.0)`.
     A supervisor is itself a `SupervisedActor`, so a ChildSpec whose start is
     `lambda parent: Supervisor.start(..., parent=parent)` nests it in a tree.
+
+    It reads the strategy's policy (`scope`, `reset_after`, `max_restarts`,
+    `within`) once, here, with `policy_of`; `decide` is asked on every failure.
+    In its own thread (a subclass's handlers), `child_status(id)` and
+    `child_statuses()` read its children's state; from elsewhere ask
+    `WhichChildren()`.
     """
 
     def __init__(
@@ -100,13 +90,14 @@ class Supervisor(SupervisedActor):
     ) -> None:
         super().__init__(parent=parent)
         self.strategy = as_strategy(strategy)
+        self.policy = policy_of(self.strategy)
         self.name = name or f"supervisor-{self.actor_urn.rsplit('-', 1)[-1][:8]}"
         self._owns_clock = clock is None
         self.clock: Clock = clock if clock is not None else MonotonicClock(f"{self.name}-timer")
         self._on_escalation = on_escalation
         self._stash_limit = stash_limit
         self._stop_timeout = stop_timeout
-        self._intensity = RestartIntensity(self.strategy.max_restarts, self.strategy.within)
+        self._restart_times: tuple[float, ...] = ()
         self._records: dict[str, ChildRecord] = {}
         for spec in children:
             if spec.id in self._records:
@@ -116,10 +107,6 @@ class Supervisor(SupervisedActor):
         self._timer_keys = itertools.count()
         self._shut_down = False
         self._log = logger.bind(supervisor=self.name)
-
-    @staticmethod
-    def _create_actor_inbox() -> _AskAwareInbox:
-        return _AskAwareInbox()
 
     def __str__(self) -> str:
         return f"Supervisor {self.name!r} ({self.actor_urn})"
@@ -167,7 +154,9 @@ class Supervisor(SupervisedActor):
         try:
             return self._on_request(message)
         except SupervisorError as error:
-            if getattr(self.actor_inbox, "last_was_ask", True):
+            # A request that fails raises its typed error to an asker; the same
+            # request merely told must not take the whole tree down with it.
+            if self.replying_to_asker():
                 raise
             self._log.warning("told request {!r} failed: {}", message, error)
             return None
@@ -177,9 +166,8 @@ class Supervisor(SupervisedActor):
             # Queued before the escalation's stop: acting on it would start
             # children that nobody stops, on a clock already closed.
             raise SupervisorShutDown(self.name, message)
-        now = self.clock.now()
         if isinstance(message, WhichChildren):
-            return [r.status(now, self.strategy.reset_after) for r in self._records.values()]
+            return self.child_statuses()
         if isinstance(message, CountChildren):
             return self._count_children()
         if isinstance(message, GetChild):
@@ -199,6 +187,21 @@ class Supervisor(SupervisedActor):
             self._log.bind(child=message.child_id).info("backoff reset by request")
             return None
         return super().on_receive(message)
+
+    # -- reading the children, in the supervisor's own thread -------------------
+
+    def child_status(self, child_id: str) -> ChildStatus:
+        """The status of one child, as a `WhichChildren()` row; raises ChildNotFound.
+
+        Not thread-safe: call it in this actor's thread (its handlers, `on_start`,
+        a subclass's methods); from other threads ask `WhichChildren()`.
+        """
+        return self._record(child_id).status(self.clock.now(), self.policy.reset_after)
+
+    def child_statuses(self) -> list[ChildStatus]:
+        """Every child's status in start order: what `WhichChildren()` answers."""
+        now = self.clock.now()
+        return [r.status(now, self.policy.reset_after) for r in self._records.values()]
 
     def _record(self, child_id: str) -> ChildRecord:
         try:
@@ -224,7 +227,7 @@ class Supervisor(SupervisedActor):
             # Already waiting for a restart (a second report, or the reporting
             # actor died meanwhile): the pending restart covers it.
             return
-        self._handle_failure_of(record, notice.error)
+        self._child_failed(record, notice.error)
 
     def _on_child_exited(self, notice: ChildExited) -> None:
         record = self._record_by_urn(notice.child_urn)
@@ -234,7 +237,7 @@ class Supervisor(SupervisedActor):
         if record.state is not ChildState.RUNNING:
             return
         if record.spec.restart is RestartType.PERMANENT:
-            self._handle_failure_of(record, NormalExit(record.id))
+            self._child_failed(record, NormalExit(record.id))
             return
         self._log.bind(child=record.id).info(
             "{} child stopped normally; not restarting it", record.spec.restart.value
@@ -244,42 +247,27 @@ class Supervisor(SupervisedActor):
 
     # -- the decision ----------------------------------------------------------
 
-    def _handle_failure_of(self, record: ChildRecord, error: BaseException) -> None:
+    def _child_failed(self, record: ChildRecord, error: BaseException) -> None:
         now = self.clock.now()
         log = self._log.bind(child=record.id)
-        failure = record.record_failure(error, now, self.strategy.reset_after)
-        decided = self._decide(failure)
-        if isinstance(decided, BrokenStrategy):
-            log.opt(exception=decided.__cause__).error("{}", decided)
-            record.last_error = decided
-            self._escalate(record, attrs.evolve(failure, error=decided), whole_supervisor=False)
-            return
-        directive = decided
-        if isinstance(directive, Resume):
-            if record.alive:
-                log.info("failure #{} resumed: {!r}", failure.consecutive_failures, error)
-                return
+        failure = record.record_failure(error, now, self.policy.reset_after)
+        verdict = decide(
+            self.strategy,
+            self.policy,
+            failure,
+            alive=record.alive,
+            restart_type=record.spec.restart,
+            restart_times=self._restart_times,
+        )
+        self._restart_times = verdict.restart_times
+        directive = verdict.directive
+        if verdict.broken is not None:
+            log.opt(exception=verdict.broken.__cause__).error("{}", verdict.broken)
+        if verdict.resumed_dead:
             log.warning("a dead child cannot be resumed; replacing it now")
-            directive = Restart(0.0)
-        if isinstance(directive, Restart) and record.spec.restart is RestartType.TEMPORARY:
-            directive = Stop()
-        if isinstance(directive, Restart) and not self._intensity.allow(now):
-            limit = self._intensity
-            assert limit.max_restarts is not None
-            error = RestartIntensityExceeded(record.id, limit.max_restarts, limit.within)
-            failure = Failure(
-                child_id=record.id,
-                error=error,
-                consecutive_failures=failure.consecutive_failures,
-                uptime=failure.uptime,
-                restart_history=failure.restart_history,
-                previous_delay=failure.previous_delay,
-                at=now,
-            )
-            record.last_error = error
-            self._escalate(record, failure, whole_supervisor=True)
-            return
-        if isinstance(directive, Restart):
+        if isinstance(directive, Resume):
+            log.info("failure #{} resumed: {!r}", failure.consecutive_failures, error)
+        elif isinstance(directive, Restart):
             log.warning(
                 "failure #{} ({!r}); restarting in {:.3f} s",
                 failure.consecutive_failures,
@@ -294,42 +282,12 @@ class Supervisor(SupervisedActor):
             self._stop_children([record])
             self._fail_stash(record, ChildUnavailable(record.id, "stopped", error))
         else:
-            self._escalate(record, failure, whole_supervisor=False)
-
-    def _decide(self, failure: Failure) -> Directive | BrokenStrategy:
-        """Ask the strategy; anything but a valid directive is a BrokenStrategy."""
-        strategy = self.strategy
-        try:
-            directive: object = strategy.decide(failure)
-        except Exception as raised:
-            broken = BrokenStrategy(strategy, failure.child_id, failure.error, f"raised {raised!r}")
-            broken.__cause__ = raised
-            return broken
-        if not isinstance(directive, Resume | Restart | Stop | Escalate):
-            return BrokenStrategy(
-                strategy,
-                failure.child_id,
-                failure.error,
-                f"returned {directive!r} ({type(directive).__name__}), which is not a directive",
-            )
-        if isinstance(directive, Restart):
-            # Restart checks its delay when built; this catches one that got
-            # past it (a subclass, object.__setattr__) before it reaches a timer.
-            try:
-                check_delay(directive.delay, "Restart delay")
-            except (TypeError, ValueError) as bad:
-                broken = BrokenStrategy(
-                    strategy, failure.child_id, failure.error, f"returned {directive!r}: {bad}"
-                )
-                broken.__cause__ = bad
-                return broken
-        return directive
+            record.last_error = verdict.failure.error
+            self._escalate(record, verdict.failure, whole_supervisor=verdict.whole_supervisor)
 
     def _schedule_restart(self, record: ChildRecord, delay: float, now: float) -> None:
         start_order = list(self._records)
-        affected = [
-            self._records[i] for i in plan_scope(self.strategy.scope, record.id, start_order)
-        ]
+        affected = [self._records[i] for i in plan_scope(self.policy.scope, record.id, start_order)]
         siblings = [r for r in affected if r is not record and r.state is ChildState.RUNNING]
         self._stop_children(siblings)
         group: list[tuple[str, int]] = []
@@ -342,7 +300,7 @@ class Supervisor(SupervisedActor):
                     self._fail_stash(member, ChildUnavailable(member.id, "stopped", None))
                     continue
                 self._log.bind(child=member.id).info(
-                    "restarting with {!r} ({})", record.id, self.strategy.scope.value
+                    "restarting with {!r} ({})", record.id, self.policy.scope.value
                 )
                 group.append((member.id, member.mark_restarting(due, None)))
         key = next(self._timer_keys)
@@ -418,7 +376,7 @@ class Supervisor(SupervisedActor):
             log.warning("start failed: {!r}", error)
             # A start that raises is a child that failed right away.
             record.mark_running(None, self.clock.now(), restarted=restarted)
-            self._handle_failure_of(record, error)
+            self._child_failed(record, error)
             return None
         record.mark_running(ref, self.clock.now(), restarted=restarted)
         if restarted:
@@ -532,20 +490,28 @@ class Supervisor(SupervisedActor):
     # -- messages through the supervisor ----------------------------------------
 
     def _ask_child(self, request: AskChild) -> Future[Any]:
-        reply: Future[Any] = self._create_future()
+        relay = ReplyRelay()
         try:
-            self._route(self._record(request.child_id), Stashed(request.message, reply))
+            self._route(self._record(request.child_id), Stashed(request.message, relay))
         except SupervisorError as error:
-            reply.set_exception(_exc_info(error))
-        return reply
+            relay.fail(error)
+        return relay.future
+
+    @staticmethod
+    def _reports_its_end(record: ChildRecord) -> bool:
+        """Whether the child tells this supervisor how it ended."""
+        if isinstance(record.spec.start, StartActor):
+            return True
+        return record.ref is not None and issubclass(record.ref.actor_class, SupervisedActor)
 
     def _route(self, record: ChildRecord, item: Stashed) -> None:
         if record.state is ChildState.RUNNING and not record.alive and record.ref is not None:
-            if not issubclass(record.ref.actor_class, SupervisedActor):
-                # A plain pykka child cannot report its death; notice it here.
+            if not self._reports_its_end(record):
+                # A pykka child started by hand, not through ChildSpec.for_actor,
+                # cannot report its death; notice it here.
                 dead = record.ref
                 record.forget_ref()
-                self._handle_failure_of(record, ActorDeadError(f"{dead} is dead"))
+                self._child_failed(record, ActorDeadError(f"{dead} is dead"))
         if record.state is ChildState.RUNNING and record.alive and record.ref is not None:
             self._deliver(record, record.ref, item)
         elif record.state is ChildState.RUNNING or record.state is ChildState.RESTARTING:
@@ -563,12 +529,10 @@ class Supervisor(SupervisedActor):
                     "child died before {!r} could be delivered", item.message
                 )
             return
-        if not ref.is_alive():
-            item.reply.set_exception(_exc_info(ActorDeadError(f"{ref} is dead")))
-            return
-        # Envelope is what ActorRef.ask puts in the inbox; using it directly lets
-        # the child answer the original asker without the supervisor waiting.
-        ref.actor_inbox.put(Envelope(item.message, reply_to=item.reply))
+        # The child answers into the ask's own future (an ActorDeadError if it is
+        # dead); the relay hands that future to the original asker, so the
+        # supervisor never waits for the answer.
+        item.reply.forward(ref.ask(item.message, block=False))
 
     def _flush_stash(self, record: ChildRecord) -> None:
         ref = record.ref
@@ -580,7 +544,7 @@ class Supervisor(SupervisedActor):
     def _fail_stash(self, record: ChildRecord, error: SupervisorError) -> None:
         for item in record.stash.drain():
             if item.reply is not None:
-                item.reply.set_exception(_exc_info(error))
+                item.reply.fail(error)
             else:
                 self._log.bind(child=record.id).warning(
                     "dropping stashed message {!r}: {}", item.message, error
