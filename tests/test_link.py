@@ -205,6 +205,65 @@ def test_closing_a_stream_wakes_a_reader_blocked_without_a_timeout(standalone: A
     assert isinstance(outcome[0], StreamClosed)
 
 
+def test_a_stream_knows_its_id_at_once_even_while_the_loop_thread_is_busy(
+    standalone: Any, source: SourceServer
+) -> None:
+    standalone.ask(Connect())
+    quic_loop = QuicLoop.acquire()  # the link's own loop
+    busy, go_on = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:
+        busy.set()
+        go_on.wait(WAIT)
+
+    try:
+        assert quic_loop.call_soon(hold_the_loop) and busy.wait(WAIT)
+        started = time.monotonic()
+        first, second = standalone.ask(OpenStream()), standalone.ask(OpenStream())
+        ids = (first.stream_id, second.stream_id)
+        elapsed = time.monotonic() - started
+        go_on.set()
+        assert ids == (4, 8) and elapsed < 0.5, f"{ids} after {elapsed:.2f} s"
+        second.close()
+        first.send(Subscribe(1))
+        source.append("orders", b"after the wait")
+        frame = first.recv(timeout=WAIT)
+        assert isinstance(frame, Entries) and frame.entries[0].data == b"after the wait"
+    finally:
+        go_on.set()
+        QuicLoop.release()
+
+
+def test_a_report_about_a_stream_of_an_earlier_connection_is_ignored(standalone: Any) -> None:
+    standalone.ask(Connect())
+    old = standalone.ask(OpenStream())
+    standalone.ask(Disconnect())
+    standalone.ask(Connect())
+    current = standalone.ask(OpenStream())
+    standalone.ask(FailLink(TransportError("about the old connection"), old))
+    assert status(standalone).state is LinkState.CONNECTED
+    standalone.ask(FailLink(TransportError("about this one"), current))
+    assert status(standalone).state is LinkState.DISCONNECTED
+
+
+def test_a_link_runs_on_a_quic_loop_handed_to_it(pki: DevPki, source: SourceServer) -> None:
+    quic_loop = QuicLoop()
+    try:
+        link = SourceLink.start(config_for(pki, source.port), quic_loop=quic_loop)
+        try:
+            assert link.ask(Connect()).accepted
+            assert QuicLoop.users() == 0, "the shared process loop was not used"
+            stream = link.ask(OpenStream())
+            stream.send(Subscribe(1))
+            source.append("orders", b"own loop")
+            assert isinstance(stream.recv(timeout=WAIT), Entries)
+        finally:
+            link.stop()
+        assert quic_loop.running, "the loop is its owner's to stop"
+    finally:
+        quic_loop.stop()
+
+
 def test_open_stream_on_a_link_that_is_not_connected_fails_at_once(standalone: Any) -> None:
     with pytest.raises(LinkNotConnected, match="send Connect first"):
         standalone.ask(OpenStream())

@@ -1,5 +1,6 @@
 """The mirror's link to one source database: configuration, the ``SourceLink`` actor and
-its mailbox, the QUIC connection shell on the process's loop thread, and stream handles."""
+its mailbox, the sans-I/O ``MirrorSession`` that holds the mirror's protocol rules, the
+QUIC connection shell around it on the process's loop thread, and stream handles."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from mirror_actors.link.actor import (
 )
 from mirror_actors.link.config import (
     LinkConfig,
+)
+from mirror_actors.link.session import (
+    MirrorSession,
 )
 from mirror_actors.link.state import (
     LinkState,
@@ -42,6 +46,7 @@ __all__ = [
     "LinkStatus",
     "LinkStream",
     "LinkUp",
+    "MirrorSession",
     "OpenStream",
     "Promote",
     "SetPosition",

@@ -161,6 +161,10 @@ class SourceLink(DeferredReplies, SupervisedActor):
     Supervised (``parent`` given), it connects as soon as it starts and reports
     every failure to its supervisor, which restarts it in place after the
     backoff delay.  Standalone, it waits for ``Connect``.
+
+    ``quic_loop`` is the loop thread that does its QUIC I/O; by default the
+    process's shared one (``QuicLoop.acquire()``), else one its caller owns,
+    starts and stops.
     """
 
     def __init__(
@@ -172,6 +176,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
         last_applied_lsn: int = 0,
         last_applied_term: int = 0,
         clock: Callable[[], float] = time.time,
+        quic_loop: QuicLoop | None = None,
     ) -> None:
         super().__init__(parent=parent)
         self.config = config
@@ -181,6 +186,8 @@ class SourceLink(DeferredReplies, SupervisedActor):
             cluster=config.source_cluster_id, database=config.source_database_id
         )
         self._quic_loop: QuicLoop | None = None
+        # A loop handed in is its owner's: never acquired, released or replaced here.
+        self._given_loop = quic_loop
         self._generation = 0
         self._connection: LinkConnection | None = None
         self._dial: concurrent.futures.Future[None] | None = None
@@ -198,7 +205,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
     # -- lifecycle ------------------------------------------------------------------
 
     def on_start(self) -> None:
-        self._quic_loop = QuicLoop.acquire()
+        self._quic_loop = self._given_loop if self._given_loop is not None else QuicLoop.acquire()
         self._log.debug("link started ({})", "supervised" if self.supervised else "standalone")
         if self._wanted:
             self._start_dial()
@@ -219,7 +226,8 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._lifecycle.closed()
         if self._quic_loop is not None:
             self._quic_loop = None
-            QuicLoop.release()
+            if self._given_loop is None:
+                QuicLoop.release()
 
     # -- messages -------------------------------------------------------------------
 
@@ -304,9 +312,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
                 else "send Connect first"
             )
             raise LinkNotConnected(f"{self.config.name} is {self._lifecycle.state.value}", hint)
-        stream = LinkStream(connection, on_applied=self._record_applied, listener=listener)
-        connection.submit_open_stream(stream)
-        return stream
+        return connection.open_stream(on_applied=self._record_applied, listener=listener)
 
     def _record_applied(self, lsn: int, term: int | None) -> None:
         # Called on whatever thread acks: the state change goes through the mailbox.
@@ -339,9 +345,10 @@ class SourceLink(DeferredReplies, SupervisedActor):
             # of finding the link CONNECTING with nothing running.
             dial.close()
             self._log.exception("could not start a dial")
-            QuicLoop.release()
-            self._quic_loop = None  # released: not to be released again should acquire fail
-            self._quic_loop = QuicLoop.acquire()
+            if self._given_loop is None:
+                QuicLoop.release()
+                self._quic_loop = None  # released: not to be released again should acquire fail
+                self._quic_loop = QuicLoop.acquire()
             self._failed(TransportError(f"could not start a dial: {error!r}"), during_dial=True)
             return
         self._connection = connection
@@ -373,7 +380,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
     def _fail_connection(self, error: MirrorError, stream: LinkStream | None) -> None:
         if self._lifecycle.state is not LinkState.CONNECTED or self._connection is None:
             return
-        if stream is not None and stream._connection is not self._connection:
+        if stream is not None and not stream.belongs_to(self._connection):
             return  # about a connection already gone; this one is fine
         self._generation += 1  # the close below must not come back as a second loss
         self._connection.submit_close(int(error.code) if error.code is not None else 0, str(error))

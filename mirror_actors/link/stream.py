@@ -1,23 +1,34 @@
 """A replication stream handle that any thread may use.
 
 Sending hands bytes to the QUIC loop thread; receiving reads frames that the
-loop thread decoded into a queue.  The handle never touches aioquic itself.
+loop thread decoded into a queue.  The handle never touches aioquic itself, and
+knows its connection only as a ``StreamTransport``: two calls that hand work
+to the loop thread.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from attrs import frozen
 
-from mirror_actors.wire.errors import LinkNotConnected, MirrorError, ObserverRoleViolation
+from mirror_actors.wire.errors import MirrorError, ObserverRoleViolation, TransportError
 from mirror_actors.wire.frames import Ack, Frame, encode_frame, is_voter_class
 
-if TYPE_CHECKING:
-    from mirror_actors.link.connection import LinkConnection
+
+class StreamTransport(Protocol):
+    """What a stream needs of its connection; both calls return at once, on any thread."""
+
+    def submit_send(self, stream_id: int, data: bytes, acked_bytes: int = 0) -> bool:
+        """Hand ``data`` to the loop thread; False when that thread is not running."""
+        ...
+
+    def submit_close_stream(self, stream_id: int) -> None:
+        """Have the loop thread finish the stream and stop reading it."""
+        ...
 
 
 class StreamClosed(MirrorError):
@@ -51,16 +62,16 @@ class LinkStream:
 
     def __init__(
         self,
-        connection: LinkConnection,
+        transport: StreamTransport,
+        stream_id: int,
         on_applied: Callable[[int, int | None], None] | None = None,
         listener: StreamListener | None = None,
     ) -> None:
-        self._connection = connection
+        self._owner = transport
+        self._stream_id = stream_id
         self._on_applied = on_applied
         self._listener = listener
         self._inbox: queue.Queue[tuple[Frame, int] | MirrorError] = queue.Queue()
-        self._opened = threading.Event()
-        self._stream_id: int | None = None
         self._unacked_bytes = 0
         self._error: MirrorError | None = None
         self._failure: MirrorError | None = None
@@ -69,11 +80,12 @@ class LinkStream:
 
     @property
     def stream_id(self) -> int:
-        """The QUIC stream id, known once the loop thread has opened the stream."""
-        if not self._opened.wait(5.0):
-            raise LinkNotConnected("the stream was never opened")
-        assert self._stream_id is not None
+        """The QUIC stream id, chosen when the handle was made: reading it never waits."""
         return self._stream_id
+
+    def belongs_to(self, connection: object) -> bool:
+        """Whether this stream is one of ``connection``'s (a link tells stale reports apart)."""
+        return self._owner is connection
 
     @property
     def unacked_bytes(self) -> int:
@@ -84,7 +96,7 @@ class LinkStream:
         if is_voter_class(frame):
             raise ObserverRoleViolation(f"refused to send {frame.TYPE.name}")
         self._check_open()
-        self._connection.submit_send(self, encode_frame(frame))
+        self._submit(encode_frame(frame))
 
     def recv(self, timeout: float | None = None) -> Frame:
         """The next frame from the source; ``TimeoutError`` if none came within ``timeout``."""
@@ -124,8 +136,7 @@ class LinkStream:
         with self._lock:
             if consumed_bytes is None:
                 consumed_bytes, self._unacked_bytes = self._unacked_bytes, 0
-        frame = encode_frame(Ack(applied_lsn, consumed_bytes))
-        self._connection.submit_send(self, frame, consumed_bytes)
+        self._submit(encode_frame(Ack(applied_lsn, consumed_bytes)), consumed_bytes)
         if self._on_applied is not None:
             self._on_applied(applied_lsn, applied_term)
 
@@ -133,7 +144,7 @@ class LinkStream:
         """Finish this side of the stream and stop reading it."""
         if not self._closed:
             self._closed = True
-            self._connection.submit_close_stream(self)
+            self._owner.submit_close_stream(self._stream_id)
             if self._listener is None:
                 self._inbox.put(StreamClosed())  # wakes a reader blocked in recv()
 
@@ -143,13 +154,10 @@ class LinkStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- called on the loop thread ------------------------------------------------
+    # -- called by the connection, on the loop thread ------------------------------
 
-    def _opened_as(self, stream_id: int) -> None:
-        self._stream_id = stream_id
-        self._opened.set()
-
-    def _deliver(self, frames: list[tuple[Frame, int]]) -> None:
+    def deliver(self, frames: Sequence[tuple[Frame, int]]) -> None:
+        """Frames from the source, each with its payload length: to the listener or ``recv``."""
         if self._listener is None:
             for item in frames:
                 self._inbox.put(item)
@@ -157,7 +165,8 @@ class LinkStream:
         delivery = Delivery(tuple(frame for frame, _ in frames), sum(size for _, size in frames))
         self._listener(self, delivery)
 
-    def _fail(self, error: MirrorError) -> None:
+    def fail(self, error: MirrorError) -> None:
+        """The stream or its connection ended with ``error`` (only the first one counts)."""
         if self._failure is not None:
             return
         self._failure = error
@@ -165,7 +174,12 @@ class LinkStream:
             self._listener(self, error)
         else:
             self._inbox.put(error)
-        self._opened.set()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _submit(self, data: bytes, acked_bytes: int = 0) -> None:
+        if not self._owner.submit_send(self._stream_id, data, acked_bytes):
+            self.fail(TransportError("the QUIC loop thread is not running"))
 
     def _check_open(self) -> None:
         if self._closed:
