@@ -328,6 +328,8 @@ def test_a_stream_the_source_ends_alone_is_replaced(pki: DevPki) -> None:
 class _SlowToOpenLink(SourceLink):
     """Answers its first OpenStream late, as a link starved of the GIL would."""
 
+    entered = threading.Event()  # set once it is asleep in that handler
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slow = True
@@ -335,6 +337,7 @@ class _SlowToOpenLink(SourceLink):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, OpenStream) and self.slow:
             self.slow = False
+            type(self).entered.set()
             time.sleep(2.0)  # starved well past the replica's patience below
         return super().on_receive(message)
 
@@ -362,3 +365,25 @@ def test_a_link_too_slow_to_open_the_stream_is_replaced_not_left_idle(
         replica.stop()
     assert final.supervision.restarts >= 1
     assert final.link is not None and final.link.attempts >= 2
+
+
+def test_the_replica_answers_while_its_link_is_stuck(
+    pki: DevPki, store: SourceStore, source: SourceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No handler of the replica waits on its link: status comes at once while the link sleeps."""
+    monkeypatch.setattr(replica_module, "OPEN_STREAM_TIMEOUT", 1.0)
+    _SlowToOpenLink.entered.clear()
+    replica = _ReplicaWithSlowLink.start(
+        config(pki, source.port), MemoryReplicaStore(), strategy=fast_strategy()
+    )
+    try:
+        assert _SlowToOpenLink.entered.wait(WAIT), "the link never got OpenStream"
+        # The link is now asleep in its OpenStream handler for 2 s.
+        started = time.monotonic()
+        answers = [
+            cast(ReplicaStatus, replica.ask(GetReplicaStatus(), timeout=0.5)) for _ in range(5)
+        ]
+        assert time.monotonic() - started < 0.5
+        assert all(answer.name == "us-east/orders" for answer in answers)
+    finally:
+        replica.stop()

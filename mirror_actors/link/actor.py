@@ -62,10 +62,22 @@ class OpenStream:
     """Answers a ``LinkStream``; fails at once with ``LinkNotConnected`` when not connected.
 
     With a ``listener`` the stream pushes frames to it (on the QUIC loop thread)
-    instead of queueing them for ``recv``.
+    instead of queueing them for ``recv``.  With ``reply_to`` (an actor, which must
+    not wait on this link) the answer comes as a ``StreamOpened`` message instead.
     """
 
     listener: StreamListener | None = None
+    reply_to: pykka.ActorRef[Any] | None = None
+
+
+@frozen(eq=False)
+class StreamOpened:
+    """The answer to an ``OpenStream`` with ``reply_to``: the stream, or why there is none."""
+
+    link: pykka.ActorRef[Any]
+    request: OpenStream
+    stream: LinkStream | None
+    error: MirrorError | None
 
 
 @frozen
@@ -95,6 +107,14 @@ class LinkUp:
 
     link: pykka.ActorRef[Any]
     ack: HelloAck
+    status: LinkStatus
+
+
+@frozen
+class LinkDialing:
+    """Told to a link's watcher when a dial starts, so it knows the link's state without asking."""
+
+    link: pykka.ActorRef[Any]
     status: LinkStatus
 
 
@@ -242,8 +262,11 @@ class SourceLink(DeferredReplies, SupervisedActor):
                 self._wanted = False
                 self._cancel(LinkNotConnected("cancelled by Disconnect"))
                 return None
-            case OpenStream(listener=listener):
+            case OpenStream(listener=listener, reply_to=None):
                 return self._open_stream(listener)
+            case OpenStream(listener=listener, reply_to=reply_to) if reply_to is not None:
+                self._answer_open_stream(message, reply_to, listener)
+                return None
             case FailLink(error=error, stream=stream):
                 self._fail_connection(error, stream)
                 return None
@@ -314,6 +337,19 @@ class SourceLink(DeferredReplies, SupervisedActor):
             raise LinkNotConnected(f"{self.config.name} is {self._lifecycle.state.value}", hint)
         return connection.open_stream(on_applied=self._record_applied, listener=listener)
 
+    def _answer_open_stream(
+        self,
+        request: OpenStream,
+        reply_to: pykka.ActorRef[Any],
+        listener: StreamListener | None,
+    ) -> None:
+        try:
+            stream = self._open_stream(listener)
+        except MirrorError as error:
+            _tell(reply_to, StreamOpened(self.actor_ref, request, None, error))
+            return
+        _tell(reply_to, StreamOpened(self.actor_ref, request, stream, None))
+
     def _record_applied(self, lsn: int, term: int | None) -> None:
         # Called on whatever thread acks: the state change goes through the mailbox.
         _tell(self.actor_ref, _Applied(lsn, term))
@@ -334,6 +370,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._log.info(
             "dialing {} (last applied LSN {})", self.config.target, self.last_applied_lsn
         )
+        self._notify_watcher(LinkDialing(me, self.status()))
         dial = _dial_and_report(
             me, generation, connection, self.last_applied_lsn, self.last_applied_term
         )
@@ -387,7 +424,7 @@ class SourceLink(DeferredReplies, SupervisedActor):
         self._forget_connection()
         self._failed(error, during_dial=False)
 
-    def _notify_watcher(self, message: LinkUp | LinkDown) -> None:
+    def _notify_watcher(self, message: LinkUp | LinkDown | LinkDialing) -> None:
         if self._watcher is not None:
             _tell(self._watcher, message)
 

@@ -14,9 +14,8 @@ beginning, replacing its contents in the first commit of the new history.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import attrs
 import pykka
@@ -25,12 +24,13 @@ from loguru import logger
 
 from mirror_actors.link.actor import (
     FailLink,
-    GetStatus,
+    LinkDialing,
     LinkDown,
     LinkUp,
     OpenStream,
     SetPosition,
     SourceLink,
+    StreamOpened,
     link_strategy,
 )
 from mirror_actors.link.config import LinkConfig
@@ -55,6 +55,7 @@ from supervisors import (
     Failure,
     Supervisor,
     SupervisorStrategy,
+    TimerHandle,
 )
 from supervisors.strategy import as_strategy
 
@@ -62,7 +63,6 @@ OnDivergence = Literal["escalate", "resync"]
 ON_DIVERGENCE_CHOICES: tuple[OnDivergence, ...] = ("escalate", "resync")
 
 LINK_CHILD_ID = "link"
-STATUS_ASK_TIMEOUT = 2.0
 # The link answers OpenStream at once unless its thread is starved; past this
 # the replica gives up on that connection rather than wait on it for ever.
 OPEN_STREAM_TIMEOUT = 10.0
@@ -85,6 +85,8 @@ class ReplicaStatus:
     replication_errors: int
     lag_seconds: float = 0.0
     """How long this replica has held less than it has seen from the source (0 when caught up)."""
+    bytes_received: int = 0
+    """Payload bytes of the ENTRIES and SNAPSHOT_CHUNK frames delivered to this replica."""
 
     @property
     def lag_entries(self) -> int:
@@ -98,6 +100,11 @@ class ReplicaStatus:
         if self.supervision.state is ChildState.RESTARTING:
             return "backing-off"
         return self.link.state.value if self.link is not None else "starting"
+
+
+@frozen
+class _OpenStreamOverdue:
+    request: OpenStream
 
 
 @frozen
@@ -190,6 +197,9 @@ class MirrorDatabase(Supervisor):
         self._snapshots_installed = 0
         self._replication_errors = 0
         self._behind_since: float | None = None
+        self._bytes_received = 0
+        self._opening: OpenStream | None = None
+        self._opening_timer: TimerHandle | None = None
         # The link's last known status, for when the link itself is gone.
         self._last_link_status: LinkStatus | None = None
         self._on_exit = on_exit
@@ -231,6 +241,15 @@ class MirrorDatabase(Supervisor):
             case _StreamDelivery():
                 self._on_delivery(message)
                 return None
+            case StreamOpened():
+                self._stream_opened(message)
+                return None
+            case _OpenStreamOverdue():
+                self._open_stream_overdue(message)
+                return None
+            case LinkDialing(status=link_status):
+                self._last_link_status = link_status
+                return None
             case LinkUp(link=link, status=link_status):
                 self._last_link_status = link_status
                 self._subscribe(link)
@@ -246,26 +265,18 @@ class MirrorDatabase(Supervisor):
         return super().on_receive(message)
 
     def replica_status(self) -> ReplicaStatus:
-        record = self._record(LINK_CHILD_ID)
-        supervision = record.status(self.clock.now(), self.strategy.reset_after)
-        link_status = self._last_link_status
-        if supervision.ref is not None:
-            try:
-                link_status = cast(
-                    LinkStatus, supervision.ref.ask(GetStatus(), timeout=STATUS_ASK_TIMEOUT)
-                )
-            except (pykka.ActorDeadError, pykka.Timeout):
-                pass
+        """Answered from what this replica knows: it never asks its link."""
         return ReplicaStatus(
             name=self.config.name,
-            link=link_status,
-            supervision=supervision,
+            link=self._last_link_status,
+            supervision=self.child_status(LINK_CHILD_ID),
             applied_lsn=self._cursor.applied_lsn,
             highest_seen_lsn=self._cursor.highest_seen_lsn,
             entries_applied=self._entries_applied,
             snapshots_installed=self._snapshots_installed,
             replication_errors=self._replication_errors,
-            lag_seconds=time.monotonic() - self._behind_since if self._behind_since else 0.0,
+            lag_seconds=self.clock.now() - self._behind_since if self._behind_since else 0.0,
+            bytes_received=self._bytes_received,
         )
 
     # -- replication ----------------------------------------------------------------
@@ -282,40 +293,66 @@ class MirrorDatabase(Supervisor):
             except pykka.ActorDeadError:
                 pass
 
-        stream: LinkStream | None = None
-        try:
-            stream = cast(
-                LinkStream, link.ask(OpenStream(listener=listener), timeout=OPEN_STREAM_TIMEOUT)
-            )
-            self._cursor.restart()
-            stream.send(Subscribe(self._cursor.subscribe_from))
-        except pykka.Timeout:
-            # The link will still open that stream, for nobody: no LinkUp would
-            # ever follow on this connection, so have the link replace it. This
-            # FailLink cannot hit a newer connection: one only comes after a
-            # restart that this replica orders later, behind it in the link's mailbox.
-            self._replica_log.warning(
-                "the link did not open a stream within {} s; reconnecting", OPEN_STREAM_TIMEOUT
-            )
-            _tell_link(
-                link,
-                FailLink(
-                    TransportError(f"the link did not open a stream within {OPEN_STREAM_TIMEOUT} s")
-                ),
-            )
+        # Asked by message, answered by message: this replica never waits on its link.
+        request = OpenStream(listener=listener, reply_to=me)
+        self._opening = request
+        _tell_link(link, request)
+        self._opening_timer = self.clock.call_later(
+            OPEN_STREAM_TIMEOUT, lambda: _tell_quietly(me, _OpenStreamOverdue(request))
+        )
+
+    def _stream_opened(self, answer: StreamOpened) -> None:
+        if answer.request is not self._opening:
+            # Too late (the replica gave up on it) or for a link that went down since.
+            if answer.stream is not None:
+                answer.stream.close()
             return
-        except (MirrorError, pykka.ActorDeadError) as error:
+        self._stop_waiting_for_stream()
+        if answer.error is not None or answer.stream is None:
             # The link went down again meanwhile; its LinkDown/LinkUp will follow.
-            self._replica_log.debug("could not open a replication stream: {}", error)
-            if stream is not None and isinstance(error, MirrorError):
-                # The new stream failed at once; should the link not have noticed
-                # its connection go, this tells it (a stale report is ignored).
-                self._fail_link(error, stream)
+            self._replica_log.debug("could not open a replication stream: {}", answer.error)
+            return
+        stream = answer.stream
+        self._cursor.restart()
+        try:
+            stream.send(Subscribe(self._cursor.subscribe_from))
+        except MirrorError as error:
+            # The new stream failed at once; should the link not have noticed its
+            # connection go, this tells it (a stale report is ignored).
+            self._replica_log.debug("could not subscribe: {}", error)
+            self._link = answer.link
+            self._stream = stream
+            self._fail_link(error, stream)
             return
         self._stream = stream
         self._replica_log.info("subscribed from LSN {}", self._cursor.subscribe_from)
 
+    def _open_stream_overdue(self, overdue: _OpenStreamOverdue) -> None:
+        if overdue.request is not self._opening or self._link is None:
+            return
+        self._stop_waiting_for_stream()
+        # The link will still open that stream, for nobody: no LinkUp would ever
+        # follow on this connection, so have the link replace it. This FailLink
+        # cannot hit a newer connection: one only comes after a restart that this
+        # replica orders later, behind it in the link's mailbox.
+        self._replica_log.warning(
+            "the link did not open a stream within {} s; reconnecting", OPEN_STREAM_TIMEOUT
+        )
+        _tell_link(
+            self._link,
+            FailLink(
+                TransportError(f"the link did not open a stream within {OPEN_STREAM_TIMEOUT} s")
+            ),
+        )
+
+    def _stop_waiting_for_stream(self) -> None:
+        self._opening = None
+        timer, self._opening_timer = self._opening_timer, None
+        if timer is not None:
+            timer.cancel()
+
     def _drop_stream(self) -> None:
+        self._stop_waiting_for_stream()
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.close()
@@ -329,6 +366,7 @@ class MirrorDatabase(Supervisor):
             # it; when only the stream did, failing the link brings a new one.
             self._fail_link(message.delivery, stream)
             return
+        self._bytes_received += message.delivery.payload_bytes
         commits: list[Commit] = []
         try:
             try:
@@ -402,7 +440,7 @@ class MirrorDatabase(Supervisor):
         if self._cursor.applied_lsn >= self._cursor.highest_seen_lsn:
             self._behind_since = None
         elif self._behind_since is None:
-            self._behind_since = time.monotonic()
+            self._behind_since = self.clock.now()
 
     def _commit(self, commits: list[Commit]) -> None:
         if not commits:
@@ -428,7 +466,14 @@ class MirrorDatabase(Supervisor):
             _tell_link(link, FailLink(error, stream))
 
 
-def _tell_link(link: pykka.ActorRef[Any], message: FailLink | SetPosition) -> None:
+def _tell_quietly(ref: pykka.ActorRef[Any], message: object) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass  # stopped meanwhile: nothing left to remind
+
+
+def _tell_link(link: pykka.ActorRef[Any], message: FailLink | SetPosition | OpenStream) -> None:
     try:
         link.tell(message)
     except pykka.ActorDeadError:
