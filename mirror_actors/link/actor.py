@@ -19,13 +19,12 @@ from loguru import logger
 
 from mirror_actors.link.config import LinkConfig
 from mirror_actors.link.connection import LinkConnection
-from mirror_actors.link.deferred import DeferredReplies, reply, reply_error
 from mirror_actors.link.loop import QuicLoop
 from mirror_actors.link.state import LinkLifecycle, LinkState, LinkStatus
 from mirror_actors.link.stream import LinkStream, StreamListener
 from mirror_actors.wire.errors import LinkNotConnected, MirrorError, MirrorPromoted, TransportError
 from mirror_actors.wire.frames import HelloAck
-from supervisors import ExponentialBackoff, SupervisedActor
+from supervisors import DeferredReplies, ExponentialBackoff, SupervisedActor, reply, reply_error
 from supervisors.backoff import JitterKind
 
 # -- the mailbox ----------------------------------------------------------------
