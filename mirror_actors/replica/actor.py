@@ -53,6 +53,7 @@ from supervisors import (
     ChildStatus,
     Directive,
     Failure,
+    Scope,
     Supervisor,
     SupervisorStrategy,
     TimerHandle,
@@ -121,23 +122,36 @@ class Resyncing(MirrorError):
         super().__init__(f"resyncing from the source's beginning after: {cause}")
 
 
+@attrs.frozen
 class ResyncOnDivergence(SupervisorStrategy):
-    """``inner``, except that a divergence restarts the link (as a transient failure would)."""
+    """``inner``, except that a divergence restarts the link (as a transient failure would).
 
-    def __init__(self, inner: SupervisorStrategy) -> None:
-        self.inner = inner
-        self.scope = inner.scope
-        self.reset_after = inner.reset_after
-        self.max_restarts = inner.max_restarts
-        self.within = inner.within
+    A value, like the strategies it wraps; its policy (scope, intensity) is ``inner``'s
+    (read-only properties over the base class's plain attributes, hence the ignores).
+    """
+
+    inner: SupervisorStrategy
+
+    @property
+    def scope(self) -> Scope:  # type: ignore[override]
+        return self.inner.scope
+
+    @property
+    def reset_after(self) -> float | None:  # type: ignore[override]
+        return self.inner.reset_after
+
+    @property
+    def max_restarts(self) -> int | None:  # type: ignore[override]
+        return self.inner.max_restarts
+
+    @property
+    def within(self) -> float:  # type: ignore[override]
+        return self.inner.within
 
     def decide(self, failure: Failure) -> Directive:
         if isinstance(failure.error, HistoryDiverged):
             return self.inner.decide(attrs.evolve(failure, error=Resyncing(failure.error)))
         return self.inner.decide(failure)
-
-    def __repr__(self) -> str:
-        return f"ResyncOnDivergence({self.inner!r})"
 
 
 class MirrorDatabase(Supervisor):
