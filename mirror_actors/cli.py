@@ -1,4 +1,5 @@
-"""The ``mirror-actors`` command: dev certificates, a demo source, one mirror, topology runs.
+"""The ``mirror-actors`` command: dev certificates, a demo source, one mirror, topology runs,
+the ``serve`` daemon and ``status``.
 
 Every argument is checked before anything starts (ports, rates, ids, timeouts,
 the log level, and every file: certificates and keys are loaded, stores are
@@ -11,12 +12,20 @@ Exit codes:
 - 1: ``run`` only: not verified, or interrupted
 - 2: bad command line or file
 - 3: a link escalated (a hard error that no retry fixes): ``mirror`` always,
-  ``run`` when the topology's ``[expect] escalations`` does not list the link
+  ``run`` when the topology's ``[expect] escalations`` does not list the link,
+  ``serve --exit-on-escalation`` as soon as one does
+- ``status``: 1 when the daemon cannot be reached
+
+Options of the command itself (``--log-level``, ``--log-format``) come before
+the subcommand: ``mirror-actors --log-format json serve mirror.toml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
+import json
 import math
 import os
 import signal
@@ -24,12 +33,12 @@ import sqlite3
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from loguru import logger
 
 from mirror_actors.link.config import (
@@ -38,10 +47,23 @@ from mirror_actors.link.config import (
     DEFAULT_KEEPALIVE_INTERVAL,
 )
 from mirror_actors.logging_bridge import install_logging_bridge
-from mirror_actors.pki import generate_dev_pki, validate_dns_name
+from mirror_actors.pki import (
+    PemFileError,
+    key_matches_certificate,
+    load_certificate_file,
+    load_private_key_file,
+    parse_subject_name,
+    update_dev_pki,
+    validate_dns_name,
+)
 from mirror_actors.source.log import SourceStore
 from mirror_actors.source.server import SourceConfigError, SourceServer
-from mirror_actors.topology.spec import ON_DIVERGENCE, identifier_problem
+from mirror_actors.topology.spec import (
+    BUILTIN_STRATEGIES,
+    ON_DIVERGENCE,
+    identifier_problem,
+    resolve_strategy,
+)
 from mirror_actors.wire.errors import (
     ClusterIdMismatch,
     HistoryDiverged,
@@ -54,13 +76,12 @@ from mirror_actors.wire.errors import (
 PROG = "mirror-actors"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_LEVEL_ENV = "MIRROR_ACTORS_LOG"
+LOG_FORMATS = ("text", "json")
 EXIT_OK = 0
 EXIT_NOT_VERIFIED = 1
 EXIT_BAD_INPUT = 2
 EXIT_ESCALATED = 3
 EXIT_INTERRUPTED = 130
-# PEM files larger than this are not certificates or keys.
-MAX_PEM_BYTES = 1024 * 1024
 
 # Which option to look at when a link escalates with one of these.
 _ESCALATION_HINTS: tuple[tuple[type[BaseException], str], ...] = (
@@ -110,16 +131,65 @@ def _format(record: Any) -> str:
     else:
         where = record["name"]
     extra["where"] = where
+    mirror = "<magenta>{extra[mirror]}</magenta> " if extra.get("mirror") else ""
     return (
         "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-        "<cyan>{extra[where]}</cyan> {message}\n{exception}"
+        + mirror
+        + "<cyan>{extra[where]}</cyan> {message}\n{exception}"
     )
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr; each record names its link (cluster/database) or its supervisor."""
+def _link_of(extra: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The cluster and database a record is about: bound by links and replicas, or named
+    by a supervisor (``serve`` names each replica's supervisor after its link)."""
+    cluster = extra.get("cluster")
+    if cluster not in (None, "-"):
+        database = extra.get("database")
+        return str(cluster), (str(database) if database is not None else None)
+    for key in ("child", "supervisor"):
+        value = extra.get(key)
+        if isinstance(value, str) and value.count("/") == 1:
+            found, _, database = value.partition("/")
+            return found, database
+    return None, None
+
+
+def json_log_line(record: Any) -> str:
+    """One log record as one JSON object: time (UTC, ISO 8601), level, message, mirror,
+    cluster, database, logger (the module) and exception (its traceback, or null)."""
+    extra = record["extra"]
+    cluster, database = _link_of(extra)
+    error = record["exception"]
+    exception = None
+    if error is not None and error.type is not None:
+        exception = "".join(traceback.format_exception(error.type, error.value, error.traceback))
+    document = {
+        "time": record["time"].astimezone(dt.UTC).isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "message": record["message"],
+        "mirror": extra.get("mirror"),
+        "cluster": cluster,
+        "database": database,
+        "logger": record["name"],
+        "exception": exception,
+    }
+    return json.dumps(document, default=str)
+
+
+def _json_sink(message: Any) -> None:
+    stream = sys.stderr
+    stream.write(json_log_line(message.record) + "\n")
+    stream.flush()
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr: text naming the mirror (if any) and the link or supervisor of each
+    record, or ``json``, one object a line (see ``json_log_line``)."""
     logger.remove()
-    logger.add(sys.stderr, level=level.upper(), format=_format)
+    if log_format == "json":
+        logger.add(_json_sink, level=level.upper(), format="{message}")
+    else:
+        logger.add(sys.stderr, level=level.upper(), format=_format)
 
 
 # -- argument types (argparse turns ArgumentTypeError into "argument X: message") ----------
@@ -208,51 +278,18 @@ def _byte_count(text: str) -> int:
     return value
 
 
-def _read_pem(text: str) -> bytes:
-    if not text:
-        raise argparse.ArgumentTypeError("expected a file name, got ''")
-    try:
-        with open(text, "rb") as handle:
-            data = handle.read(MAX_PEM_BYTES + 1)
-    except FileNotFoundError:
-        raise argparse.ArgumentTypeError(f"{text}: no such file") from None
-    except IsADirectoryError:
-        raise argparse.ArgumentTypeError(f"{text} is a directory, expected a PEM file") from None
-    except OSError as error:
-        raise argparse.ArgumentTypeError(f"cannot read {text}: {error.strerror or error}") from None
-    if len(data) > MAX_PEM_BYTES:
-        raise argparse.ArgumentTypeError(
-            f"{text} is larger than {MAX_PEM_BYTES} bytes: not a PEM file"
-        )
-    return data
-
-
 def _load_certificates(text: str) -> list[x509.Certificate]:
-    data = _read_pem(text)
     try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        certificates = []
-    if not certificates:
-        raise argparse.ArgumentTypeError(
-            f"{text} is not a PEM certificate file (expected '-----BEGIN CERTIFICATE-----')"
-        )
-    return certificates
+        return load_certificate_file(text)
+    except PemFileError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _load_private_key(text: str) -> Any:
-    data = _read_pem(text)
     try:
-        return serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise argparse.ArgumentTypeError(
-            f"{text} is an encrypted private key; give an unencrypted PEM key"
-        ) from None
-    except Exception:
-        # cryptography raises ValueError, or UnsupportedAlgorithm for key types it lacks.
-        raise argparse.ArgumentTypeError(
-            f"{text} is not a PEM private key (expected '-----BEGIN ... PRIVATE KEY-----')"
-        ) from None
+        return load_private_key_file(text)
+    except PemFileError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _certificate_file(text: str) -> str:
@@ -267,10 +304,11 @@ def _private_key_file(text: str) -> str:
 
 def _check_key_pair(cert: str, key: str, cert_option: str, key_option: str) -> None:
     """The key must be the certificate's: aioquic would only notice at the first handshake."""
-    der = serialization.Encoding.DER
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    certificate_key = _load_certificates(cert)[0].public_key().public_bytes(der, spki)
-    if _load_private_key(key).public_key().public_bytes(der, spki) != certificate_key:
+    try:
+        matches = key_matches_certificate(cert, key)
+    except PemFileError as error:
+        raise BadInput(key_option, str(error)) from None
+    if not matches:
         raise BadInput(
             key_option, f"{key} is not the private key of the certificate in {cert} ({cert_option})"
         )
@@ -311,15 +349,25 @@ def _output_folder(text: str) -> Path:
 
 def _certs(args: argparse.Namespace) -> int:
     try:
-        pki = generate_dev_pki(args.out, args.cluster, mirror_name=args.mirror_name)
+        update = update_dev_pki(
+            args.out,
+            args.cluster,
+            mirror_name=args.mirror_name,
+            extra_names=args.san,
+            force=args.force,
+        )
     except OSError as error:
         raise BadInput(
             "--out", f"cannot write into {args.out}: {error.strerror or error}"
         ) from None
-    print(f"CA:      {pki.ca.cert}")
-    for cluster_id, pair in pki.sources.items():
-        print(f"source {cluster_id}: {pair.cert} (key {pair.key})")
-    print(f"mirror:  {pki.mirror.cert} (key {pki.mirror.key})")
+    except ValueError as error:  # half a CA, or one that cannot be loaded
+        raise BadInput("--out", str(error)) from None
+    for item in update.files:
+        label = f"{item.role}:".ljust(8)
+        reason = f" ({item.reason})" if item.reason else ""
+        print(f"{label} {item.pair.cert} (key {item.pair.key}): {item.action}{reason}")
+    for warning in update.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -432,7 +480,27 @@ def _link_options(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.max_snapshot_bytes is not None:
         options["max_snapshot_bytes"] = args.max_snapshot_bytes
+    if getattr(args, "server_name", None) is not None:
+        options["server_name"] = args.server_name
     return options
+
+
+def _strategy(args: argparse.Namespace) -> Any:
+    """The link strategy ``--strategy``/``--strategy-options`` name, built (checked) now."""
+    try:
+        options = json.loads(args.strategy_options) if args.strategy_options else {}
+    except ValueError as error:
+        raise BadInput("--strategy-options", f"expected a JSON object, got {error}") from None
+    if not isinstance(options, dict):
+        raise BadInput(
+            "--strategy-options", f"expected a JSON object, got {args.strategy_options!r}"
+        )
+    try:
+        return resolve_strategy(args.strategy, options, Path.cwd())
+    except Exception as error:  # whatever a user's module raises
+        raise BadInput(
+            "--strategy", f"cannot build strategy {args.strategy!r}: {_one_line(error)}"
+        ) from None
 
 
 def _escalation_line(link: str, cause: BaseException) -> str:
@@ -456,6 +524,7 @@ def _mirror(args: argparse.Namespace) -> int:
     if args.cert is not None:
         _check_key_pair(args.cert, args.key, "--cert", "--key")
     options = _link_options(args)
+    strategy = _strategy(args)
     try:
         config = LinkConfig(
             args.cluster_id,
@@ -484,7 +553,11 @@ def _mirror(args: argparse.Namespace) -> int:
 
     try:
         replica = MirrorDatabase.start(
-            config, store, on_escalation=escalated, on_divergence=args.on_divergence
+            config,
+            store,
+            strategy=strategy,
+            on_escalation=escalated,
+            on_divergence=args.on_divergence,
         )
     except BaseException:
         store.close()
@@ -509,9 +582,11 @@ def _run(args: argparse.Namespace) -> int:
     live = sys.stdout.isatty() and not args.json and not args.plain
     if live or args.json:
         # The live table (or the JSON) owns stdout; logs would tear it.
-        configure_logging("ERROR" if args.json else "CRITICAL")
+        configure_logging("ERROR" if args.json else "CRITICAL", args.log_format)
     run = TopologyRun(topology)
     interrupted = False
+    # SIGTERM is Ctrl-C: the run stops, the summary is printed, the exit code says.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run.start()
         interrupted = not watch(run, duration, live, out=sys.stderr if args.json else sys.stdout)
@@ -539,6 +614,55 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.verified and not summary.interrupted else EXIT_NOT_VERIFIED
 
 
+def _serve_command(args: argparse.Namespace) -> int:
+    from mirror_actors.serve.daemon import run_serve
+
+    return run_serve(
+        args.file,
+        shard=args.shard,
+        exit_on_escalation=args.exit_on_escalation,
+        check_only=args.check,
+    )
+
+
+def _status(args: argparse.Namespace) -> int:
+    from mirror_actors.serve.status_client import default_url, normalize_url, run_status
+
+    try:
+        url = normalize_url(args.url) if args.url is not None else default_url()
+    except ValueError as error:  # ConfigError (./mirror.toml) is a ValueError too
+        raise BadInput("URL" if args.url is not None else None, str(error)) from None
+    return run_status(
+        url, once=args.once, as_json=args.json, interval=args.interval, timeout=args.timeout
+    )
+
+
+def _shard(text: str) -> Any:
+    from mirror_actors.serve.config import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _subject_name(text: str) -> str:
+    try:
+        parse_subject_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _strategy_name(text: str) -> str:
+    if text not in BUILTIN_STRATEGIES and ":" not in text:
+        raise argparse.ArgumentTypeError(
+            f"expected a built-in ({', '.join(BUILTIN_STRATEGIES)}) or module:attribute, "
+            f"got {text!r}"
+        )
+    return text
+
+
 # -- the parser ------------------------------------------------------------------------------
 
 _EXIT_CODES = """exit codes:
@@ -555,6 +679,31 @@ _RUN_EPILOG = """exit codes:
   3  a link escalated that [expect] escalations does not list (the summary and
      stderr name the link and its error); an expected escalation, as in
      examples/wrong_cluster_id.toml, keeps the verification's exit code
+"""
+
+_SERVE_EPILOG = """The file (TOML, strict: a mistake names the file and the key, and nothing
+starts) has a [mirror] table (name, data_dir, http, shard), [defaults] for
+every link, and [[source]] tables (cluster, address, databases, server_name,
+and any [defaults] key). See examples/serve.toml (a demo on one machine) and
+examples/serve-production.toml (every key). --check checks a file, and the
+certificates, keys, strategies and replica files it names, starting nothing.
+
+signals:
+  SIGTERM, SIGINT  stop: every replica commits what it has, exit 0
+  SIGHUP           reload the file: links added start, links removed stop
+                   (their files stay), changed links restart, the others keep
+                   their connections; a bad file is logged and changes nothing
+
+exit codes:
+  0  stopped by SIGTERM or SIGINT
+  2  bad command line or file (one line on stderr names the file and the key)
+  3  with --exit-on-escalation: a link escalated (one line on stderr names it)
+"""
+
+_STATUS_EPILOG = """exit codes:
+  0  shown
+  1  the daemon could not be reached, or did not answer a mirror's status
+  2  bad command line, or a ./mirror.toml whose [mirror] http cannot be used
 """
 
 _MIRROR_EPILOG = """exit codes:
@@ -599,6 +748,24 @@ def _add_link_options(parser: argparse.ArgumentParser) -> None:
         help="when the source's history is not the replica's: escalate (default; exit 3), "
         "or resync (drop the replica's contents and start over from the source)",
     )
+    parser.add_argument(
+        "--strategy",
+        type=_strategy_name,
+        default="backoff",
+        metavar="NAME",
+        help=f"how the link retries: {', '.join(BUILTIN_STRATEGIES)} (default backoff), "
+        "or module:attribute (importable from the current folder)",
+    )
+    parser.add_argument(
+        "--strategy-options",
+        metavar="JSON",
+        help="keyword arguments of the strategy as a JSON object, e.g. '{\"base\": 1.0}'",
+    )
+    parser.add_argument(
+        "--server-name",
+        type=_dns_name,
+        help="the TLS name to check on the source's certificate (default: the cluster id)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,6 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         type=_log_level,
         help=f"{', '.join(LOG_LEVELS)}, any case (default: ${LOG_LEVEL_ENV}, or INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default), or json: one object a line (time, level, message, mirror, "
+        "cluster, database, logger, exception)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -633,6 +807,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     certs.add_argument(
         "--mirror-name", type=_dns_name, default="mirror", help="DNS name of the mirror certificate"
+    )
+    certs.add_argument(
+        "--san",
+        action="append",
+        type=_subject_name,
+        default=[],
+        metavar="NAME",
+        help="a DNS name or IP address to add to each --cluster's source certificate "
+        "(repeatable; sources dialed by address need theirs)",
+    )
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA in --out (every certificate it signed stops being "
+        "trusted); without it, an existing CA is kept and signs what is added",
     )
     certs.set_defaults(run=_certs)
 
@@ -723,6 +912,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for mirrors to catch up",
     )
     run.set_defaults(run=_run)
+
+    serve = commands.add_parser(
+        "serve",
+        help="follow the sources a config file names, with metrics, status and reload",
+        epilog=_SERVE_EPILOG,
+        formatter_class=formatter,
+    )
+    serve.add_argument("file", help="the config file (TOML), e.g. mirror.toml")
+    serve.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="follow only the links whose stable hash mod N is I (overrides the file's)",
+    )
+    serve.add_argument(
+        "--exit-on-escalation",
+        action="store_true",
+        help="exit 3 as soon as a link escalates (for supervisors that restart or page)",
+    )
+    serve.add_argument(
+        "--check", action="store_true", help="check the file and what it names, start nothing"
+    )
+    serve.set_defaults(run=_serve_command)
+
+    status = commands.add_parser(
+        "status",
+        help="show how a running serve daemon is doing",
+        epilog=_STATUS_EPILOG,
+        formatter_class=formatter,
+    )
+    status.add_argument(
+        "url",
+        nargs="?",
+        metavar="URL",
+        help="the daemon's http address (default: [mirror] http of ./mirror.toml, "
+        "or 127.0.0.1:9464)",
+    )
+    status.add_argument("--once", action="store_true", help="one snapshot, then exit")
+    status.add_argument("--json", action="store_true", help="print /status as JSON, once")
+    status.add_argument(
+        "--interval", type=_seconds, default=1.0, metavar="S", help="seconds between refreshes"
+    )
+    status.add_argument(
+        "--timeout", type=_seconds, default=3.0, metavar="S", help="seconds to wait for an answer"
+    )
+    status.set_defaults(run=_status)
     return parser
 
 
@@ -744,7 +979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandLineError as error:
         print(_one_line(error), file=sys.stderr)
         return EXIT_BAD_INPUT
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     # aioquic, pykka and asyncio log through the standard library: into loguru with the rest.
     install_logging_bridge()
     try:
@@ -752,6 +987,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as error:
         print(_one_line(f"{PROG} {args.command}: error: {error}"), file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # Whoever read stdout stopped (``status --json | head``): nothing more to say.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (ValueError, OSError) as error:  # TopologyError is a ValueError
         print(_one_line(f"{PROG} {args.command}: error: {error}"), file=sys.stderr)
         return EXIT_BAD_INPUT

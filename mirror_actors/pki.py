@@ -25,14 +25,24 @@ from attrs import field, frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "DEFAULT_CA_COMMON_NAME",
+    "MAX_PEM_BYTES",
     "CertKeyPair",
     "CertificateAuthority",
     "DevPki",
+    "PemFileError",
+    "PkiFile",
+    "PkiUpdate",
     "generate_dev_pki",
+    "key_matches_certificate",
+    "load_certificate_file",
+    "load_private_key_file",
+    "parse_subject_name",
+    "update_dev_pki",
     "validate_dns_name",
     "write_pair",
 ]
@@ -58,6 +68,10 @@ _ALLOWED_DESCRIPTION = (
 )
 
 _SupportedKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address | str
+
+# PEM files larger than this are not certificates or keys.
+MAX_PEM_BYTES = 1024 * 1024
 
 
 @frozen
@@ -276,6 +290,7 @@ class CertificateAuthority:
         common_name: str,
         dns_names: Sequence[str],
         *,
+        ip_addresses: Sequence[IpAddress] = (),
         client: bool = False,
         server: bool = True,
         not_before: dt.datetime | None = None,
@@ -285,7 +300,8 @@ class CertificateAuthority:
 
         Returns ``(cert_pem, key_pem)``. ``dns_names`` become the DNS
         subjectAltNames verbatim (no validation, so tests can mint deliberately
-        wrong certificates); an empty sequence omits the extension. ``server`` and
+        wrong certificates) and ``ip_addresses`` the IP address ones; with
+        neither the extension is omitted. ``server`` and
         ``client`` select the serverAuth / clientAuth extended key usages; with
         neither, the extension is omitted. Validity defaults to 5 minutes ago until
         365 days from now; pass ``not_after`` in the past for an expired
@@ -335,11 +351,10 @@ class CertificateAuthority:
             usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         if usages:
             builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        if dns_names:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]),
-                critical=False,
-            )
+        alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+        if alt_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         certificate = builder.sign(self._private_key, hashes.SHA256())
         return certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
@@ -354,24 +369,8 @@ class CertificateAuthority:
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
 
-def generate_dev_pki(
-    out_dir: Path | str,
-    clusters: Iterable[str],
-    *,
-    mirror_name: str = "mirror",
-    valid_days: int = DEFAULT_VALID_DAYS,
-    overwrite: bool = True,
-) -> DevPki:
-    """Generate a CA, one source server certificate per cluster and a mirror client
-    certificate in ``out_dir``.
-
-    Files: ``ca.pem``/``ca.key``, ``source-<cluster>.pem``/``.key`` (serverAuth,
-    the cluster id as CN and sole DNS subjectAltName), ``mirror.pem``/``mirror.key``
-    (clientAuth, ``mirror_name`` as CN and DNS subjectAltName). Keys are mode 0o600;
-    the directory is created with mode 0o700. Cluster ids and ``mirror_name`` must
-    be valid DNS names (ValueError otherwise). With ``overwrite=False``, raises
-    FileExistsError before writing anything if any of the files already exists.
-    """
+def _checked_names(clusters: Iterable[str], mirror_name: str, valid_days: int) -> list[str]:
+    """The cluster ids, checked as DNS names and common names, unique; and the mirror name."""
     if isinstance(clusters, str):
         # Iterating a str yields characters: "us-east" would become seven clusters.
         raise TypeError("clusters must be an iterable of cluster ids, not a single str")
@@ -398,7 +397,28 @@ def generate_dev_pki(
         seen[folded] = cluster_id
     if valid_days <= 0:
         raise ValueError(f"valid_days must be positive, got {valid_days}")
+    return cluster_ids
 
+
+def generate_dev_pki(
+    out_dir: Path | str,
+    clusters: Iterable[str],
+    *,
+    mirror_name: str = "mirror",
+    valid_days: int = DEFAULT_VALID_DAYS,
+    overwrite: bool = True,
+) -> DevPki:
+    """Generate a CA, one source server certificate per cluster and a mirror client
+    certificate in ``out_dir``.
+
+    Files: ``ca.pem``/``ca.key``, ``source-<cluster>.pem``/``.key`` (serverAuth,
+    the cluster id as CN and sole DNS subjectAltName), ``mirror.pem``/``mirror.key``
+    (clientAuth, ``mirror_name`` as CN and DNS subjectAltName). Keys are mode 0o600;
+    the directory is created with mode 0o700. Cluster ids and ``mirror_name`` must
+    be valid DNS names (ValueError otherwise). With ``overwrite=False``, raises
+    FileExistsError before writing anything if any of the files already exists.
+    """
+    cluster_ids = _checked_names(clusters, mirror_name, valid_days)
     directory = Path(out_dir)
     stems = ["ca", "mirror", *(f"source-{c}" for c in cluster_ids)]
     if not overwrite:
@@ -431,3 +451,259 @@ def generate_dev_pki(
     )
     mirror = write_pair(directory, "mirror", cert_pem, key_pem)
     return DevPki(directory=directory, ca=ca_pair, sources=sources, mirror=mirror)
+
+
+# -- PEM files as a command or a config file names them ------------------------------
+
+
+class PemFileError(ValueError):
+    """A file that should be a PEM certificate or key and is not; the message names it."""
+
+
+def _read_pem(path: str | Path) -> bytes:
+    text = str(path)
+    if not text:
+        raise PemFileError("expected a file name, got ''")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PEM_BYTES + 1)
+    except FileNotFoundError:
+        raise PemFileError(f"{text}: no such file") from None
+    except IsADirectoryError:
+        raise PemFileError(f"{text} is a directory, expected a PEM file") from None
+    except OSError as error:
+        raise PemFileError(f"cannot read {text}: {error.strerror or error}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise PemFileError(f"{text} is larger than {MAX_PEM_BYTES} bytes: not a PEM file")
+    return data
+
+
+def load_certificate_file(path: str | Path) -> list[x509.Certificate]:
+    """Every certificate of a PEM file; ``PemFileError`` naming the file if it holds none."""
+    data = _read_pem(path)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise PemFileError(
+            f"{path} is not a PEM certificate file (expected '-----BEGIN CERTIFICATE-----')"
+        )
+    return certificates
+
+
+def load_private_key_file(path: str | Path) -> PrivateKeyTypes:
+    """The unencrypted private key of a PEM file; ``PemFileError`` naming the file if not."""
+    data = _read_pem(path)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise PemFileError(
+            f"{path} is an encrypted private key; give an unencrypted PEM key"
+        ) from None
+    except Exception:
+        # cryptography raises ValueError, or UnsupportedAlgorithm for key types it lacks.
+        raise PemFileError(
+            f"{path} is not a PEM private key (expected '-----BEGIN ... PRIVATE KEY-----')"
+        ) from None
+
+
+def key_matches_certificate(cert_path: str | Path, key_path: str | Path) -> bool:
+    """Whether the key in ``key_path`` is the one of the (first) certificate in ``cert_path``."""
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    certificate_key = load_certificate_file(cert_path)[0].public_key().public_bytes(der, spki)
+    return load_private_key_file(key_path).public_key().public_bytes(der, spki) == certificate_key
+
+
+def parse_subject_name(text: str) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A subjectAltName to add: an IP address (as an address) or a DNS name (checked)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    try:
+        return validate_dns_name(text, what="name")
+    except ValueError:
+        raise ValueError(
+            f"expected a DNS name or an IP address, got {text!r}; {_ALLOWED_DESCRIPTION}"
+        ) from None
+
+
+# -- adding to a PKI that exists -----------------------------------------------------
+
+
+@frozen
+class PkiFile:
+    """What ``update_dev_pki`` did with one certificate and its key."""
+
+    role: str
+    """``CA``, ``source <cluster>`` or ``mirror``."""
+    pair: CertKeyPair
+    action: str
+    """``created``, ``kept`` (already there and right), ``reissued`` (signed anew by the
+    same CA, see ``reason``) or ``replaced`` (``force``: a new CA and all it signs)."""
+    reason: str = ""
+
+
+@frozen
+class PkiUpdate:
+    directory: Path
+    ca: PkiFile
+    sources: tuple[PkiFile, ...]
+    mirror: PkiFile
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def files(self) -> tuple[PkiFile, ...]:
+        return (self.ca, *self.sources, self.mirror)
+
+
+def _alt_names(certificate: x509.Certificate) -> tuple[set[str], set[str]]:
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set(), set()
+    return (
+        {name.lower() for name in san.get_values_for_type(x509.DNSName)},
+        {str(address) for address in san.get_values_for_type(x509.IPAddress)},
+    )
+
+
+def _leaf_problem(
+    ca: CertificateAuthority, pair: CertKeyPair, dns_names: Sequence[str], ips: Sequence[str]
+) -> str | None:
+    """Why an existing leaf cannot be kept as it is; None when it can."""
+    if not pair.cert.exists() or not pair.key.exists():
+        missing = pair.key if pair.cert.exists() else pair.cert
+        return f"{missing} was missing"
+    try:
+        certificate = load_certificate_file(pair.cert)[0]
+        if not key_matches_certificate(pair.cert, pair.key):
+            return f"{pair.key} is not the key of {pair.cert}"
+    except PemFileError as error:
+        return str(error)
+    try:
+        certificate.verify_directly_issued_by(ca.certificate)
+    except Exception:
+        return "it was not signed by this CA"
+    if certificate.not_valid_after_utc <= _utcnow():
+        return "it had expired"
+    have_dns, have_ips = _alt_names(certificate)
+    lacking = sorted({n.lower() for n in dns_names} - have_dns) + sorted(set(ips) - have_ips)
+    if lacking:
+        return f"it lacked the names {', '.join(lacking)}"
+    return None
+
+
+def update_dev_pki(
+    out_dir: Path | str,
+    clusters: Iterable[str],
+    *,
+    mirror_name: str = "mirror",
+    extra_names: Sequence[str | ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    force: bool = False,
+    valid_days: int = DEFAULT_VALID_DAYS,
+) -> PkiUpdate:
+    """Make or extend a dev PKI in ``out_dir`` without ever replacing its CA by accident.
+
+    - No CA there (neither ``ca.pem`` nor ``ca.key``): as ``generate_dev_pki``.
+    - A CA there: it is loaded and kept.  Each named cluster's certificate, and
+      the mirror's, is kept when it is signed by that CA, unexpired, matches its
+      key and already names everything asked for; otherwise it is issued (again)
+      by that CA.  Certificates the CA signed before go on being trusted.
+    - ``force``: a new CA, and every named certificate issued by it; files of
+      clusters not named stay as they are and are reported in ``warnings``,
+      since they were signed by the CA just replaced.
+
+    ``extra_names`` (DNS names or IP addresses) are added to every named
+    cluster's source certificate, beside its cluster id: production sources are
+    dialed by address.  Half a CA (one of the two files) or a CA that cannot be
+    loaded raises ValueError naming the files, before anything is written.
+    """
+    cluster_ids = _checked_names(clusters, mirror_name, valid_days)
+    extra = [parse_subject_name(str(name)) for name in extra_names]
+    extra_dns = [str(n) for n in extra if isinstance(n, str)]
+    extra_ips = [str(n) for n in extra if not isinstance(n, str)]
+    directory = Path(out_dir)
+    ca_pair = CertKeyPair(directory / "ca.pem", directory / "ca.key")
+    present = [path for path in (ca_pair.cert, ca_pair.key) if path.exists()]
+    ca: CertificateAuthority
+    existing_ca = bool(present) and not force
+    if existing_ca:
+        if len(present) == 1:
+            (have,) = present
+            lacking = ca_pair.key if have == ca_pair.cert else ca_pair.cert
+            raise ValueError(
+                f"{directory} holds {have.name} but not {lacking.name}: that CA cannot sign; "
+                "restore the missing file, or pass --force to make a new CA (every "
+                "certificate the old one signed then stops being trusted)"
+            )
+        try:
+            ca = CertificateAuthority.load(ca_pair.cert, ca_pair.key)
+        except (ValueError, TypeError, OSError) as error:
+            raise ValueError(
+                f"cannot use the CA in {ca_pair.cert} and {ca_pair.key}: {error}; fix them, "
+                "or pass --force to make a new CA (every certificate the old one signed "
+                "then stops being trusted)"
+            ) from None
+        ca_file = PkiFile("CA", ca_pair, "kept", "it signs what follows")
+    else:
+        ca = CertificateAuthority.create(valid_days=valid_days)
+        replaced = bool(present)
+        ca_file = PkiFile("CA", ca_pair, "replaced" if replaced else "created")
+    not_after = ca.certificate.not_valid_after_utc
+
+    # Decide everything before writing anything.
+    plans: list[tuple[str, CertKeyPair, list[str], list[str], bool, str]] = []
+    for cluster_id in cluster_ids:
+        pair = CertKeyPair(
+            directory / f"source-{cluster_id}.pem", directory / f"source-{cluster_id}.key"
+        )
+        plans.append(
+            (f"source {cluster_id}", pair, [cluster_id, *extra_dns], extra_ips, False, cluster_id)
+        )
+    mirror_pair = CertKeyPair(directory / "mirror.pem", directory / "mirror.key")
+    plans.append(("mirror", mirror_pair, [mirror_name], [], True, mirror_name))
+
+    directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    if not existing_ca:
+        ca.write(ca_pair.cert, ca_pair.key)
+    done: list[PkiFile] = []
+    for role, pair, dns_names, ips, client, common_name in plans:
+        existed = pair.cert.exists() or pair.key.exists()
+        if existing_ca and existed:
+            problem = _leaf_problem(ca, pair, dns_names, ips)
+            if problem is None:
+                done.append(PkiFile(role, pair, "kept", "already signed by this CA"))
+                continue
+            action, reason = "reissued", problem
+        elif existed:
+            action, reason = "replaced", "signed by the new CA"
+        else:
+            action, reason = "created", ""
+        cert_pem, key_pem = ca.issue(
+            common_name,
+            dns_names,
+            ip_addresses=ips,
+            server=not client,
+            client=client,
+            not_after=not_after,
+        )
+        write_pair(directory, pair.cert.stem, cert_pem, key_pem)
+        done.append(PkiFile(role, pair, action, reason))
+
+    warnings: list[str] = []
+    if present and force:
+        named = {f"source-{c}.pem" for c in cluster_ids}
+        for other in sorted(directory.glob("source-*.pem")):
+            if other.name not in named:
+                cluster = other.stem.removeprefix("source-")
+                warnings.append(
+                    f"{other} was signed by the CA just replaced: mirrors will not trust it; "
+                    f"reissue it with --cluster {cluster}"
+                )
+    return PkiUpdate(
+        directory=directory, ca=ca_file, sources=tuple(done[:-1]), mirror=done[-1],
+        warnings=tuple(warnings),
+    )  # fmt: skip

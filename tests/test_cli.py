@@ -8,6 +8,8 @@ naming the link and the cause; Ctrl-C and SIGTERM stop cleanly with 0.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import select
 import signal
@@ -21,7 +23,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from cryptography import x509
+from loguru import logger
 
+from mirror_actors import cli as cli_module
 from mirror_actors.cli import main
 from mirror_actors.pki import DevPki, generate_dev_pki
 from mirror_actors.replica import actor as replica_module
@@ -100,7 +105,7 @@ def mirror_args(pki: DevPki, port: int, store: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """For main() called in this process: leave loguru's sinks and stdlib logging alone."""
-    monkeypatch.setattr("mirror_actors.cli.configure_logging", lambda level: None)
+    monkeypatch.setattr("mirror_actors.cli.configure_logging", lambda *args, **kwargs: None)
     monkeypatch.setattr("mirror_actors.cli.install_logging_bridge", lambda: None)
     monkeypatch.delenv("MIRROR_ACTORS_LOG", raising=False)
 
@@ -122,6 +127,66 @@ def test_certs_writes_a_ca_source_and_mirror_certificates(tmp_path: Path) -> Non
 
 
 @pytest.mark.usefixtures("in_process")
+def test_certs_never_overwrites_an_existing_ca_and_adds_clusters_signed_by_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"
+    assert main(["certs", "--out", str(out), "--cluster", "us-east"]) == 0
+    capsys.readouterr()
+    ca = (out / "ca.pem").read_bytes()
+    source = (out / "source-us-east.pem").read_bytes()
+    assert main(["certs", "--out", str(out), "--cluster", "us-east", "--cluster", "eu-west"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (out / "ca.pem").read_bytes() == ca and (
+        out / "source-us-east.pem"
+    ).read_bytes() == source
+    assert (
+        lines[0]
+        == f"CA:      {out / 'ca.pem'} (key {out / 'ca.key'}): kept (it signs what follows)"
+    )
+    assert (
+        lines[1].startswith(f"source us-east: {out / 'source-us-east.pem'}") and "kept" in lines[1]
+    )
+    assert lines[2].startswith(f"source eu-west: {out / 'source-eu-west.pem'}") and lines[
+        2
+    ].endswith("created")
+    authority = x509.load_pem_x509_certificate(ca)
+    for name in ("source-us-east.pem", "source-eu-west.pem", "mirror.pem"):
+        x509.load_pem_x509_certificate((out / name).read_bytes()).verify_directly_issued_by(
+            authority
+        )
+    # --san reissues that source's certificate, still signed by the same CA.
+    assert main(["certs", "--out", str(out), "--cluster", "us-east", "--san", "10.0.0.5"]) == 0
+    assert "reissued (it lacked the names 10.0.0.5)" in capsys.readouterr().out
+    assert (out / "ca.pem").read_bytes() == ca
+    reissued = x509.load_pem_x509_certificate((out / "source-us-east.pem").read_bytes())
+    reissued.verify_directly_issued_by(authority)
+    san = reissued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    # --force: a new CA, and a warning for what it no longer vouches for.
+    assert main(["certs", "--out", str(out), "--cluster", "us-east", "--force"]) == 0
+    captured = capsys.readouterr()
+    assert (out / "ca.pem").read_bytes() != ca and "CA:      " in captured.out
+    assert "replaced" in captured.out.splitlines()[0]
+    assert "source-eu-west.pem was signed by the CA just replaced" in captured.err
+
+
+def test_certs_refuses_to_replace_a_ca_in_a_real_process(
+    tmp_path: Path, processes: Callable[..., subprocess.Popen[str]]
+) -> None:
+    out = tmp_path / "certs"
+    first = processes("certs", "--out", str(out), "--cluster", "us-east")
+    assert first.wait(timeout=30) == 0
+    ca = (out / "ca.pem").read_bytes()
+    (out / "ca.key").unlink()
+    second = processes("certs", "--out", str(out), "--cluster", "us-east", "--cluster", "eu-west")
+    _, err = second.communicate(timeout=30)
+    assert second.returncode == 2
+    assert "ca.pem but not ca.key" in err and "--force" in err and len(err.splitlines()) == 1
+    assert (out / "ca.pem").read_bytes() == ca and not (out / "source-eu-west.pem").exists()
+
+
+@pytest.mark.usefixtures("in_process")
 def test_certs_rejects_a_cluster_id_that_is_not_a_dns_name(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -138,6 +203,7 @@ IN_SUBPROCESS = {
     "mirror-port-zero", "cert-missing", "cert-garbage", "key-of-another-cert", "ca-is-a-key",
     "source-store-not-sqlite", "mirror-store-no-folder", "mirror-store-not-sqlite",
     "mirror-store-of-another-link", "keepalive-not-below-idle", "run-bad-toml",
+    "strategy-options-unknown", "certs-half-a-ca", "serve-bad-key", "serve-shard",
 }  # fmt: skip
 
 
@@ -192,6 +258,13 @@ def _bad_input_cases() -> list[tuple[str, list[str], dict[str, str], list[str]]]
         ("keepalive-above-default-idle", [*mirror, "--keepalive-interval", "9"], {}, ["--keepalive-interval", "(5 s)"]),
         ("max-snapshot-zero", [*mirror, "--max-snapshot-bytes", "0"], {}, ["--max-snapshot-bytes", "'0'"]),
         ("on-divergence-unknown", [*mirror, "--on-divergence", "ignore"], {}, ["--on-divergence", "'ignore'", "resync"]),
+        ("strategy-unknown", [*mirror, "--strategy", "fastest"], {}, ["--strategy", "'fastest'", "module:attribute"]),
+        ("strategy-options-not-json", [*mirror, "--strategy-options", "{{"], {}, ["--strategy-options", "JSON"]),
+        ("strategy-options-not-an-object", [*mirror, "--strategy-options", "[1]"], {}, ["--strategy-options", "JSON object"]),
+        ("strategy-options-unknown", [*mirror, "--strategy-options", '{{"nope": 1}}'], {}, ["--strategy", "'backoff'", "nope"]),
+        ("strategy-module-missing", [*mirror, "--strategy", "no_such_module_x:S"], {}, ["--strategy", "no_such_module_x"]),
+        ("server-name-bad", [*mirror, "--server-name", "a b"], {}, ["--server-name", "'a b'"]),
+        ("log-format-unknown", ["--log-format", "xml", *source], {}, ["--log-format", "'xml'"]),
         # run
         ("run-missing-file", ["run", "{missing}"], {}, ["{missing}", "no such file"]),
         ("run-bad-toml", ["run", "{garbage}"], {}, ["{garbage}", "(syntax)"]),
@@ -200,6 +273,15 @@ def _bad_input_cases() -> list[tuple[str, list[str], dict[str, str], list[str]]]
         # certs
         ("certs-out-is-a-file", ["certs", "--out", "{garbage}", "--cluster", "a"], {}, ["--out", "{garbage}", "not a directory"]),
         ("certs-mirror-name", ["certs", "--out", "{folder}", "--cluster", "a", "--mirror-name", "a b"], {}, ["--mirror-name", "'a b'"]),
+        ("certs-san", ["certs", "--out", "{folder}", "--cluster", "a", "--san", "a b"], {}, ["--san", "'a b'", "IP address"]),
+        ("certs-half-a-ca", ["certs", "--out", "{half_ca}", "--cluster", "a"], {}, ["--out", "ca.pem but not ca.key", "--force"]),
+        # serve and status
+        ("serve-missing-file", ["serve", "{missing}"], {}, ["{missing}", "no such file"]),
+        ("serve-bad-toml", ["serve", "{garbage}"], {}, ["{garbage}", "(syntax)"]),
+        ("serve-bad-key", ["serve", "{bad_serve}"], {}, ["{bad_serve}", "mirror.http", "host:port"]),
+        ("serve-shard", ["serve", "{garbage}", "--shard", "2/2"], {}, ["--shard", "'2/2'", "0 <= i < n"]),
+        ("status-url", ["status", "ftp://x"], {}, ["URL", "http://host:port"]),
+        ("status-interval", ["status", "--interval", "0"], {}, ["--interval", "'0'"]),
         ("no-command", [], {}, ["required"]),
     ]  # fmt: skip
 
@@ -215,6 +297,12 @@ def bad_input_files(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Pa
     (files / "garbage.txt").write_text("not a certificate, not a database\n[[[")
     (files / "folder").mkdir()
     SqliteReplicaStore(files / "other-link.db", "eu-west/users").close()
+    (files / "half-ca").mkdir()
+    (files / "half-ca" / "ca.pem").write_bytes(pki.ca.cert.read_bytes())
+    (files / "bad-serve.toml").write_text(
+        '[mirror]\nname = "m"\ndata_dir = "d"\nhttp = "nowhere"\n'
+        '[[source]]\ncluster = "a"\naddress = "h:1"\ndatabases = ["x"]\nca_file = "ca.pem"\n'
+    )
     return {
         "cert": str(pki.source("us-east").cert),
         "key": str(pki.source("us-east").key),
@@ -227,6 +315,8 @@ def bad_input_files(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Pa
         "folder": str(files / "folder"),
         "no_folder": str(files / "no-such-folder" / "store.db"),
         "other_link": str(files / "other-link.db"),
+        "half_ca": str(files / "half-ca"),
+        "bad_serve": str(files / "bad-serve.toml"),
         "example": str(Path(__file__).resolve().parent.parent / "examples" / "single_link.toml"),
     }
 
@@ -463,6 +553,91 @@ def test_mirror_options_reach_the_replica_and_an_escalation_ends_the_wait(
     assert config.client_cert_file == str(pki.mirror.cert)
     (line,) = capsys.readouterr().err.splitlines()
     assert "us-east/orders escalated" in line and "--max-snapshot-bytes" in line
+
+
+@pytest.mark.usefixtures("in_process")
+def test_mirror_strategy_and_server_name_reach_the_replica(
+    pki: DevPki,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: dict[str, Any] = {}
+
+    class StoppedReplica:
+        @staticmethod
+        def start(config: Any, store: Any, **kwargs: Any) -> Any:
+            seen.update(config=config, **kwargs)
+            kwargs["on_escalation"](SimpleNamespace(root_cause=SnapshotTooLarge(10, 1)))
+            return SimpleNamespace(stop=store.close)
+
+    monkeypatch.setattr(replica_module, "MirrorDatabase", StoppedReplica)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    args = mirror_args(pki, 4433, tmp_path / "orders.db")
+    args += ["--strategy", "full-jitter", "--strategy-options", '{"base": 1.5, "max_delay": 9}',
+             "--server-name", "us-east.example"]  # fmt: skip
+    assert main(["--log-level", "critical", *args]) == 3
+    strategy = seen["strategy"]
+    assert (strategy.base, strategy.max_delay, strategy.jitter_kind.name) == (1.5, 9, "FULL")
+    assert seen["config"].tls_server_name == "us-east.example"
+
+
+def test_run_treats_sigterm_like_ctrl_c(processes: Callable[..., subprocess.Popen[str]]) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "single_link.toml"
+    process = processes("run", str(example), "--plain", "--duration", "120")
+    assert "mirror/us-east/orders" in read_line(process, 30)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 1, err  # interrupted, as after Ctrl-C: not 143
+    assert "(interrupted)" in out and "mirror/us-east/orders" in out
+    assert "threads still running" not in err
+
+
+# --- log formats ---------------------------------------------------------------------------
+
+
+def _records(sink_format: Any = None) -> tuple[list[Any], int]:
+    records: list[Any] = []
+    handler = logger.add(lambda message: records.append(message.record), format="{message}")
+    return records, handler
+
+
+def test_the_json_log_format_is_one_object_a_line() -> None:
+    records, handler = _records()
+    try:
+        logger.bind(mirror="eu-mirror", cluster="us-east", database="orders").info("hello {}", 1)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logger.bind(mirror="eu-mirror", supervisor="us-east/users").exception("failed")
+        logger.info("plain")
+    finally:
+        logger.remove(handler)
+    lines = [cli_module.json_log_line(record) for record in records]
+    assert all("\n" not in line for line in lines)
+    first, second, third = (json.loads(line) for line in lines)
+    assert first["message"] == "hello 1" and first["level"] == "INFO"
+    assert (first["mirror"], first["cluster"], first["database"]) == (
+        "eu-mirror",
+        "us-east",
+        "orders",
+    )
+    assert first["exception"] is None and first["time"].endswith("+00:00")
+    assert (second["cluster"], second["database"]) == ("us-east", "users")
+    assert "RuntimeError: boom" in second["exception"] and "Traceback" in second["exception"]
+    assert (third["mirror"], third["cluster"], third["database"]) == (None, None, None)
+
+
+def test_the_text_log_format_names_the_mirror() -> None:
+    stream = io.StringIO()
+    handler = logger.add(stream, format=cli_module._format, colorize=False)
+    try:
+        logger.bind(mirror="eu-mirror", cluster="us-east", database="orders").warning("lost")
+        logger.bind(cluster="us-east", database="orders").warning("no mirror")
+    finally:
+        logger.remove(handler)
+    with_mirror, without = stream.getvalue().splitlines()
+    assert with_mirror.endswith("WARNING eu-mirror us-east/orders lost"), with_mirror
+    assert without.endswith("WARNING us-east/orders no mirror"), without
 
 
 # --- a source restarted with another history (issue: spliced histories) ----------------------

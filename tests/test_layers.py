@@ -17,9 +17,10 @@ ALLOWED: dict[str, set[str]] = {
     "faults": {"loop_thread"},
     "replica": {"wire", "link"},
     "topology": {"wire", "source", "link", "replica", "faults", "pki", "loop_thread"},
+    "serve": {"wire", "link", "replica", "topology", "pki", "loop_thread", "logging_bridge"},
 }
 PURE = ["wire/frames.py", "wire/snapshot.py", "wire/errors.py", "source/session.py",
-        "link/session.py", "replica/cursor.py", "topology/spec.py"]  # fmt: skip
+        "link/session.py", "replica/cursor.py", "topology/spec.py", "serve/config.py"]  # fmt: skip
 IMPURE = {"asyncio", "aioquic", "pykka", "threading", "socket", "sqlite3"}
 
 

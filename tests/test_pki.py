@@ -34,7 +34,13 @@ from mirror_actors.pki import (
     CertificateAuthority,
     CertKeyPair,
     DevPki,
+    PemFileError,
     generate_dev_pki,
+    key_matches_certificate,
+    load_certificate_file,
+    load_private_key_file,
+    parse_subject_name,
+    update_dev_pki,
     validate_dns_name,
     write_pair,
 )
@@ -515,3 +521,129 @@ def test_server_side_rejection_reaches_client_after_connect(pki: DevPki) -> None
     assert close.error_code == _crypto_error(AlertDescription.certificate_required) == 0x174
     assert close.frame_type == QuicFrameType.CRYPTO
     assert close.reason_phrase == "client certificate required"
+
+
+# --- adding to an existing PKI (certs without --force) --------------------------------------
+
+
+def _ip_sans(cert: x509.Certificate) -> list[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(address) for address in san.get_values_for_type(x509.IPAddress)]
+
+
+def test_update_without_a_ca_makes_the_same_files_as_generate(tmp_path: Path) -> None:
+    update = update_dev_pki(tmp_path / "pki", CLUSTERS)
+    assert [item.action for item in update.files] == ["created"] * 4
+    names = {p.name for p in (tmp_path / "pki").iterdir()}
+    assert names == {"ca.pem", "ca.key", "mirror.pem", "mirror.key"} | {
+        f"source-{c}.{ext}" for c in CLUSTERS for ext in ("pem", "key")
+    }
+    assert all(_mode(item.pair.key) == 0o600 for item in update.files)
+    ca = _cert(update.ca.pair.cert)
+    for item in (*update.sources, update.mirror):
+        _cert(item.pair.cert).verify_directly_issued_by(ca)
+
+
+def test_update_keeps_the_ca_and_what_it_signed_and_adds_new_clusters(tmp_path: Path) -> None:
+    first = update_dev_pki(tmp_path, ["us-east"])
+    ca_bytes = first.ca.pair.cert.read_bytes()
+    key_bytes = first.ca.pair.key.read_bytes()
+    source_bytes = first.sources[0].pair.cert.read_bytes()
+    second = update_dev_pki(tmp_path, ["us-east", "ap-south"])
+    assert second.ca.action == "kept" and first.ca.pair.cert.read_bytes() == ca_bytes
+    assert first.ca.pair.key.read_bytes() == key_bytes
+    assert [(s.role, s.action) for s in second.sources] == [
+        ("source us-east", "kept"), ("source ap-south", "created"),
+    ]  # fmt: skip
+    assert second.sources[0].pair.cert.read_bytes() == source_bytes
+    assert second.mirror.action == "kept"
+    ca = _cert(tmp_path / "ca.pem")
+    _cert(tmp_path / "source-ap-south.pem").verify_directly_issued_by(ca)
+    _cert(tmp_path / "source-us-east.pem").verify_directly_issued_by(ca)
+
+
+def test_update_reissues_a_source_certificate_for_its_extra_names(tmp_path: Path) -> None:
+    update_dev_pki(tmp_path, ["us-east"])
+    ca_bytes = (tmp_path / "ca.pem").read_bytes()
+    update = update_dev_pki(
+        tmp_path, ["us-east"], extra_names=["10.0.0.5", "::1", "db.example.com"]
+    )
+    (source,) = update.sources
+    assert source.action == "reissued" and "db.example.com" in source.reason
+    cert = _cert(source.pair.cert)
+    assert _dns_sans(cert) == ["us-east", "db.example.com"]
+    assert _ip_sans(cert) == ["10.0.0.5", "::1"]
+    cert.verify_directly_issued_by(_cert(tmp_path / "ca.pem"))
+    assert (tmp_path / "ca.pem").read_bytes() == ca_bytes
+    # Asked again for fewer names: the certificate already has them all.
+    assert (
+        update_dev_pki(tmp_path, ["us-east"], extra_names=["10.0.0.5"]).sources[0].action == "kept"
+    )
+
+
+def test_update_reissues_what_the_ca_did_not_sign(tmp_path: Path) -> None:
+    update_dev_pki(tmp_path, ["us-east"])
+    stranger = CertificateAuthority.create()
+    write_pair(tmp_path, "source-us-east", *stranger.issue("us-east", ["us-east"]))
+    (tmp_path / "mirror.key").unlink()
+    update = update_dev_pki(tmp_path, ["us-east"])
+    assert (
+        update.sources[0].action == "reissued"
+        and "not signed by this CA" in update.sources[0].reason
+    )
+    assert update.mirror.action == "reissued" and "missing" in update.mirror.reason
+    _cert(tmp_path / "source-us-east.pem").verify_directly_issued_by(_cert(tmp_path / "ca.pem"))
+
+
+def test_update_refuses_half_a_ca_or_one_it_cannot_load_and_writes_nothing(tmp_path: Path) -> None:
+    update_dev_pki(tmp_path, ["us-east"])
+    (tmp_path / "ca.key").unlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"holds ca\.pem but not ca\.key.*--force"):
+        update_dev_pki(tmp_path, ["us-east", "ap-south"])
+    (tmp_path / "ca.key").write_text("garbage")
+    with pytest.raises(ValueError, match=r"cannot use the CA in .*--force"):
+        update_dev_pki(tmp_path, ["us-east", "ap-south"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "ca.key"])
+
+
+def test_force_replaces_the_ca_and_warns_about_certificates_it_did_not_reissue(
+    tmp_path: Path,
+) -> None:
+    update_dev_pki(tmp_path, ["us-east", "eu-west"])
+    old_ca = (tmp_path / "ca.pem").read_bytes()
+    update = update_dev_pki(tmp_path, ["us-east"], force=True)
+    assert update.ca.action == "replaced" and (tmp_path / "ca.pem").read_bytes() != old_ca
+    assert update.sources[0].action == "replaced" and update.mirror.action == "replaced"
+    (warning,) = update.warnings
+    assert "source-eu-west.pem" in warning and "--cluster eu-west" in warning
+
+
+def test_a_certificate_with_extra_names_still_verifies_by_cluster_id(tmp_path: Path) -> None:
+    update = update_dev_pki(tmp_path, ["us-east"], extra_names=["127.0.0.1", "db.example.com"])
+    outcome = asyncio.run(
+        _handshake(update.sources[0].pair, ca_file=update.ca.pair.cert, server_name="us-east")
+    )
+    assert outcome.connected, outcome
+
+
+def test_subject_names_are_dns_names_or_ip_addresses() -> None:
+    assert parse_subject_name("db.example.com") == "db.example.com"
+    assert str(parse_subject_name("10.0.0.5")) == "10.0.0.5"
+    assert str(parse_subject_name("::1")) == "::1"
+    with pytest.raises(ValueError, match="DNS name or an IP address"):
+        parse_subject_name("not a name")
+
+
+def test_pem_file_helpers_name_the_file(pki: DevPki, tmp_path: Path) -> None:
+    assert load_certificate_file(pki.ca.cert)
+    assert key_matches_certificate(pki.mirror.cert, pki.mirror.key)
+    assert not key_matches_certificate(pki.mirror.cert, pki.ca.key)
+    with pytest.raises(PemFileError, match="no such file"):
+        load_certificate_file(tmp_path / "none.pem")
+    with pytest.raises(PemFileError, match="is a directory"):
+        load_private_key_file(tmp_path)
+    with pytest.raises(PemFileError, match="not a PEM certificate"):
+        load_certificate_file(pki.ca.key)
+    with pytest.raises(PemFileError, match="not a PEM private key"):
+        load_private_key_file(pki.ca.cert)
