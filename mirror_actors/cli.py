@@ -56,14 +56,17 @@ from mirror_actors.pki import (
     update_dev_pki,
     validate_dns_name,
 )
+from mirror_actors.serve.config import ConfigError
 from mirror_actors.source.log import SourceStore
 from mirror_actors.source.server import SourceConfigError, SourceServer
 from mirror_actors.topology.spec import (
     BUILTIN_STRATEGIES,
     ON_DIVERGENCE,
+    TopologyError,
     identifier_problem,
     resolve_strategy,
 )
+from mirror_actors.topology.strategies import StrategyError
 from mirror_actors.wire.errors import (
     ClusterIdMismatch,
     HistoryDiverged,
@@ -79,6 +82,7 @@ LOG_LEVEL_ENV = "MIRROR_ACTORS_LOG"
 LOG_FORMATS = ("text", "json")
 EXIT_OK = 0
 EXIT_NOT_VERIFIED = 1
+EXIT_FAILED = 1  # something broke that no argument caused
 EXIT_BAD_INPUT = 2
 EXIT_ESCALATED = 3
 EXIT_INTERRUPTED = 130
@@ -992,9 +996,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (ValueError, OSError) as error:  # TopologyError is a ValueError
+    except (TopologyError, StrategyError, ConfigError) as error:  # a file that is wrong
         print(_one_line(f"{PROG} {args.command}: error: {error}"), file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as error:
+        # Not the input's fault: say so in one line, keep the traceback in the log.
+        logger.opt(exception=error).debug("{} {} failed", PROG, args.command)
+        print(
+            _one_line(f"{PROG} {args.command}: failed: {type(error).__name__}: {error}"),
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

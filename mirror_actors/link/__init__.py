@@ -54,8 +54,8 @@ __all__ = [
     "Promote",
     "SetPosition",
     "SourceLink",
-    "StreamOpened",
     "StreamClosed",
     "StreamListener",
+    "StreamOpened",
     "link_strategy",
 ]

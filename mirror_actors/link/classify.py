@@ -8,12 +8,15 @@ from mirror_actors.wire.errors import (
     CRYPTO_ERROR_LAST,
     ClusterIdMismatch,
     ErrorCode,
+    MalformedFrame,
     MirrorError,
     TlsVerificationError,
     TransportError,
     error_for_code,
 )
 from mirror_actors.wire.frames import HelloAck
+
+ALERT_INTERNAL_ERROR = 80
 
 # TLS alert numbers (RFC 8446 section 6) and what a user should do about each.
 _ALERT_HINTS = {
@@ -45,6 +48,13 @@ def error_for_close(
     """The error for a CONNECTION_CLOSE (or an aioquic-local close such as the idle timeout)."""
     if frame_type is not None and CRYPTO_ERROR_BASE <= error_code <= CRYPTO_ERROR_LAST:
         alert = error_code - CRYPTO_ERROR_BASE
+        if alert == ALERT_INTERNAL_ERROR:
+            # The peer failed on its side (a source that could not read its client
+            # CA mid-rotation): nothing to fix here, so worth a retry, not an escalation.
+            return TransportError(
+                f"the source's TLS failed internally: {reason or 'internal_error'} "
+                f"(TLS alert {alert}); retrying"
+            )
         return TlsVerificationError(
             f"{reason or 'TLS alert ' + str(alert)} (TLS alert {alert}, dialing {config.tls_server_name!r})",
             tls_hint(alert, reason),
@@ -71,6 +81,10 @@ def error_for_close(
 
 def error_for_ack(config: LinkConfig, ack: HelloAck) -> MirrorError | None:
     """None for an acceptable ack, else the error PROTOCOL.md section 5 prescribes."""
+    if ack.accepted and ack.error_code != ErrorCode.NONE:
+        return MalformedFrame(
+            f"an accepting HELLO_ACK must carry error_code 0, got {ack.error_code}"
+        )
     if not ack.accepted:
         error = error_for_code(
             ack.error_code,

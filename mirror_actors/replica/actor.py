@@ -212,6 +212,7 @@ class MirrorDatabase(Supervisor):
         self._replication_errors = 0
         self._behind_since: float | None = None
         self._bytes_received = 0
+        self._unreported_divergence: HistoryDiverged | None = None
         self._opening: OpenStream | None = None
         self._opening_timer: TimerHandle | None = None
         # The link's last known status, for when the link itself is gone.
@@ -266,12 +267,16 @@ class MirrorDatabase(Supervisor):
                 return None
             case LinkUp(link=link, status=link_status):
                 self._last_link_status = link_status
+                if self._unreported_divergence is not None:
+                    _tell_link(link, FailLink(self._unreported_divergence))
+                    return None
                 self._subscribe(link)
                 return None
             case LinkDown(link=link, error=error, status=link_status):
                 self._last_link_status = link_status
                 self._drop_stream()
                 if isinstance(error, HistoryDiverged):
+                    self._unreported_divergence = None
                     self._diverged(link, error)
                 return None
             case GetReplicaStatus():
@@ -421,6 +426,11 @@ class MirrorDatabase(Supervisor):
         self._track_lag()
 
     def _replication_failed(self, error: MirrorError, stream: LinkStream) -> None:
+        if isinstance(error, HistoryDiverged):
+            # Kept until the link reports it: should the connection be lost before
+            # the link reads this FailLink, the next LinkUp fails it again, so a
+            # divergence found here is never traded for a mere reconnect.
+            self._unreported_divergence = error
         if isinstance(error, ReplicationError):
             self._replication_errors += 1
             self._replica_log.warning("replication stream rejected: {}", error)

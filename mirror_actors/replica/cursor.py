@@ -198,8 +198,8 @@ class ReplicationCursor:
         return self.applied_lsn + 1
 
     def restart(self) -> None:
-        """A new subscription: whatever snapshot was half received is dropped."""
-        if self._snapshot is not None:
+        """A new subscription: a snapshot half received, or whole but not installed, is dropped."""
+        if self._snapshot is not None or self._pending_install is not None:
             self._spool.discard()
         self._snapshot = None
         self._finished_transfer = None

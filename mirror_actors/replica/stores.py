@@ -210,27 +210,29 @@ class SqliteReplicaStore:
             raise _store_error(self.path, "cannot open", error) from None
 
     def _check_schema(self) -> None:
-        tables = {
-            name
-            for (name,) in self._db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"
-            ).fetchall()
-        }
-        for table, wanted in _COLUMNS.items():
-            if table not in tables:
-                continue
-            columns = [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
-            if columns != wanted:
-                raise StoreUnusable(
-                    f"{self.path} has a table {table!r} with columns {columns}, not {wanted}: "
-                    "it is not a mirror-actors replica; point the link at another file"
-                )
-        foreign = tables - set(_COLUMNS)
-        if foreign and not tables & set(_COLUMNS):
-            raise StoreUnusable(
-                f"{self.path} is an SQLite database of something else (tables "
-                f"{sorted(foreign)}); point the link at another file"
-            )
+        _check_schema(self._db, self.path)
+
+    @staticmethod
+    def check_file(path: str | Path, source: str) -> None:
+        """Whether ``path`` could serve as ``source``'s replica, read-only: the file is not
+        changed (a missing or empty one is fine). Raises ``StoreUnusable``/``StoreMismatch``."""
+        if not Path(path).exists() or Path(path).stat().st_size == 0:
+            return
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        except sqlite3.Error as error:
+            raise _store_error(str(path), "cannot open", error) from None
+        try:
+            _check_schema(db, str(path))
+            row = db.execute("SELECT source FROM state").fetchone()
+        except sqlite3.Error as error:
+            if "no such table" in str(error):
+                return  # a replica not yet initialised
+            raise _store_error(str(path), "cannot read", error) from None
+        finally:
+            db.close()
+        if row is not None and row[0] != source:
+            raise StoreMismatch(str(path), row[0], source)
 
     def last_applied_lsn(self) -> int:
         return self._applied
@@ -291,6 +293,27 @@ class SqliteReplicaStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _check_schema(db: sqlite3.Connection, path: str) -> None:
+    tables = {
+        name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    for table, wanted in _COLUMNS.items():
+        if table not in tables:
+            continue
+        columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+        if columns != wanted:
+            raise StoreUnusable(
+                f"{path} has a table {table!r} with columns {columns}, not {wanted}: "
+                "it is not a mirror-actors replica; point the link at another file"
+            )
+    foreign = tables - set(_COLUMNS)
+    if foreign and not tables & set(_COLUMNS):
+        raise StoreUnusable(
+            f"{path} is an SQLite database of something else (tables "
+            f"{sorted(foreign)}); point the link at another file"
+        )
 
 
 def _entries_of(rows: Iterable[tuple[int, int, bytes]]) -> list[Entry]:

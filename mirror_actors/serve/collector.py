@@ -106,6 +106,7 @@ class StatusCollector:
         self._interval = interval
         self._ask_timeout = ask_timeout
         self._lock = threading.Lock()
+        self._round_lock = threading.Lock()
         self._latest: StatusSnapshot | None = None
         self._previous: dict[str, LinkSnapshot] = {}
         self._counters: dict[str, _LinkCounters] = {}
@@ -144,6 +145,12 @@ class StatusCollector:
     # -- one round ------------------------------------------------------------------
 
     def refresh(self) -> StatusSnapshot:
+        # One round at a time: the collector thread and a caller (the daemon, after a
+        # reload) may both refresh, and a round updates the counters it keeps.
+        with self._round_lock:
+            return self._refresh()
+
+    def _refresh(self) -> StatusSnapshot:
         view = self._view()
         root = view.root
         tree_running = root is not None and root.is_alive()

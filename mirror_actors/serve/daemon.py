@@ -442,6 +442,16 @@ def open_replica(config: ServeConfig, link: LinkSettings) -> SqliteReplicaStore:
         ) from None
 
 
+def check_replica(config: ServeConfig, link: LinkSettings) -> None:
+    """``open_replica``'s checks without touching the file; ``ConfigError`` naming it."""
+    try:
+        SqliteReplicaStore.check_file(link.replica_file, link.name)
+    except (MirrorError, sqlite3.Error, OSError) as error:
+        raise ConfigError(
+            config.file, "mirror.data_dir", f"the replica of {link.name}: {error_text(error)}"
+        ) from None
+
+
 # -- the command --------------------------------------------------------------------------
 
 
@@ -466,8 +476,8 @@ def run_serve(
         links = config.selected(chosen)
         check_config(config, links)
         for link in links:
-            if Path(link.replica_file).exists():
-                open_replica(config, link).close()  # another link's file, not SQLite, ...
+            # Read-only: a check changes no file (another link's, not SQLite, ...).
+            check_replica(config, link)
         print(
             f"{PROG}: {config.file}: ok; shard {chosen} follows {len(links)} of "
             f"{len(config.links)} links: {', '.join(link.name for link in links) or 'none'}",

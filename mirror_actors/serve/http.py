@@ -43,6 +43,11 @@ class _Server(ThreadingHTTPServer):
         self.app = app
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr; a client that went away
+        # mid-request is routine for a daemon, so it is logged, not printed.
+        logger.opt(exception=True).debug("HTTP request from {} failed", client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server

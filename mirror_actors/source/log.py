@@ -244,6 +244,14 @@ class DatabaseLog:
         """True when entries from ``from_lsn`` on were compacted away."""
         return max(1, from_lsn) < self._first_lsn
 
+    def snapshot_for(self, from_lsn: int) -> Snapshot | None:
+        """The snapshot a reader from ``from_lsn`` must start with, if any, read under one
+        lock with the compaction point (a compaction on another thread cannot split them)."""
+        with self._lock:
+            if self._snapshot is not None and max(1, from_lsn) < self._first_lsn:
+                return self._snapshot
+            return None
+
     def read(self, from_lsn: int, max_count: int, max_bytes: int) -> list[Entry]:
         """Entries from ``from_lsn`` on, at least one if any, stopping before ``max_bytes`` of data."""
         with self._lock:

@@ -35,7 +35,9 @@ from aioquic.tls import (
     verify_certificate,
 )
 from attrs import frozen
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from loguru import logger
 from OpenSSL import crypto
 
@@ -315,6 +317,18 @@ def _client_certificate_problem(quic: QuicConnection, ca_file: str) -> tuple[int
         return ALERT_CERTIFICATE_EXPIRED, f"client certificate rejected: {error}"
     except AlertBadCertificate as error:
         return ALERT_BAD_CERTIFICATE, f"client certificate rejected: {error}"
+    # The chain alone is not enough: one CA may sign source (server) certificates
+    # too, and a source's certificate must not pass for a mirror's.
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        return (
+            ALERT_BAD_CERTIFICATE,
+            "client certificate rejected: it is not for client authentication "
+            "(its extended key usage lacks clientAuth)",
+        )
     return None
 
 

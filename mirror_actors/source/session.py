@@ -452,8 +452,8 @@ class SourceSession:
         # Each chunk repeats both ids; they must fit beside the data in one frame.
         ids = len(self.cluster_id.encode()) + len(database.database_id.encode())
         self._chunk_size = min(self.settings.snapshot_chunk_size, MAX_PAYLOAD - 512 - ids)
-        snapshot = database.snapshot
-        if snapshot is not None and database.needs_snapshot(hello.last_applied_lsn + 1):
+        snapshot = database.snapshot_for(hello.last_applied_lsn + 1)
+        if snapshot is not None:
             ack = HelloAck.accept(self.cluster_id, snapshot.lsn, snapshot.size)
         else:
             ack = HelloAck.accept(self.cluster_id)
