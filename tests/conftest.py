@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from mirror_actors.pki import DevPki, generate_dev_pki
+from mirror_actors.source import SourceServer, SourceSettings, SourceStore
+from tests.helpers import DATABASE, logged, source_server
 
 settings.register_profile(
     "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -54,3 +56,38 @@ def no_leaks() -> Iterator[None]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     """Dev certificates for the clusters the tests use, made once per run."""
     return generate_dev_pki(tmp_path_factory.mktemp("pki"), ["us-east", "eu-west"])
+
+
+@pytest.fixture
+def source_store() -> SourceStore:
+    """The log the ``source`` fixture serves: ``DATABASE``, empty."""
+    return SourceStore([DATABASE])
+
+
+@pytest.fixture
+def source_settings() -> SourceSettings | None:
+    """The settings the ``source`` fixture runs with; a module overrides this to pin some."""
+    return None
+
+
+@pytest.fixture
+def source(
+    pki: DevPki, source_store: SourceStore, source_settings: SourceSettings | None
+) -> Iterator[SourceServer]:
+    """A running ``SourceServer`` for ``CLUSTER``/``DATABASE`` on ``source_store``, stopped after."""
+    with source_server(pki, store=source_store, settings=source_settings) as server:
+        yield server
+
+
+@pytest.fixture
+def warning_logs() -> Iterator[list[str]]:
+    """Every loguru message at WARNING or above while the test runs."""
+    with logged("WARNING") as lines:
+        yield lines
+
+
+@pytest.fixture
+def error_logs() -> Iterator[list[str]]:
+    """The text of every loguru message at ERROR or above while the test runs."""
+    with logged("ERROR", format="{message}") as lines:
+        yield lines

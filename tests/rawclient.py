@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
 
 import msgpack
 from aioquic.asyncio.client import connect
@@ -21,10 +21,25 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
-from mirror_actors.wire.errors import MalformedFrame
-from mirror_actors.wire.frames import ALPN, Frame, FrameDecoder, encode_frame
+from mirror_actors.pki import DevPki
+from mirror_actors.source import SourceServer
+from mirror_actors.wire import (
+    ALPN,
+    Entries,
+    Entry,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Hello,
+    HelloAck,
+    MalformedFrame,
+    encode_frame,
+)
+from tests.helpers import CLUSTER, DATABASE
 
 RECV_TIMEOUT = 5.0
+T = TypeVar("T")
 
 
 class EndOfStream:
@@ -182,3 +197,53 @@ def hand_frame_lengths(data: bytes) -> list[int]:
         lengths.append(length)
         offset += 5 + length
     return lengths
+
+
+# -- a mirror's moves, for tests of the source ------------------------------------------------
+
+
+def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    """Run a scenario on a fresh event loop, failing it after ``timeout``."""
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def mirror(
+    server: SourceServer, pki: DevPki, server_name: str = CLUSTER, **options: Any
+) -> AbstractAsyncContextManager[RawClient]:
+    """A raw client connected to ``server``, verifying it against the dev CA."""
+    return raw_mirror(server.port, server_name, str(pki.ca.cert), **options)
+
+
+async def handshake(client: RawClient, hello: Hello) -> HelloAck:
+    """Send ``hello`` on stream 0; the one HELLO_ACK, after checking the source finished it."""
+    client.send(0, hello, end=True)
+    ack = await client.recv(0)
+    assert isinstance(ack, HelloAck), ack
+    assert await client.recv(0) is END, "the source must finish the handshake stream"
+    return ack
+
+
+async def accepted(client: RawClient, last_applied_lsn: int = 0, db: str = DATABASE) -> HelloAck:
+    ack = await handshake(client, Hello(CLUSTER, db, last_applied_lsn))
+    assert ack.accepted, ack
+    return ack
+
+
+async def collect_entries(client: RawClient, stream_id: int, upto_lsn: int) -> list[Entry]:
+    """Every entry on a stream of ENTRIES frames, up to and including ``upto_lsn``."""
+    entries: list[Entry] = []
+    while not entries or entries[-1].lsn < upto_lsn:
+        frame = await client.recv(stream_id)
+        assert isinstance(frame, Entries), frame
+        entries.extend(frame.entries)
+    return entries
+
+
+async def expect_error_and_close(client: RawClient, stream: int, code: ErrorCode) -> str:
+    """An ERROR frame with ``code`` on ``stream``, then a close with it; the detail."""
+    frame = await client.recv(stream)
+    assert isinstance(frame, Error), frame
+    assert frame.code == code
+    closed = await client.closed()
+    assert closed.error_code == code
+    return frame.detail

@@ -21,9 +21,12 @@ from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
-from mirror_actors.wire.frames import (
+from mirror_actors.link import quic_internals
+from mirror_actors.pki import DevPki
+from mirror_actors.wire import (
     ALPN,
     Ack,
+    Frame,
     FrameDecoder,
     Hello,
     HelloAck,
@@ -31,10 +34,18 @@ from mirror_actors.wire.frames import (
     Subscribe,
     encode_frame,
 )
+from tests.helpers import CLUSTER, WAIT, encode_frames, wait_until
 
 
 def accept(cluster: str) -> Callable[[Hello], bytes]:
+    """An ``on_hello`` that accepts, naming ``cluster``."""
     return lambda hello: encode_frame(HelloAck.accept(cluster))
+
+
+def frames(*items: Frame | bytes) -> Callable[[Any], bytes]:
+    """An ``on_hello`` or ``on_subscribe`` that answers with these frames, whatever it got."""
+    data = encode_frames(*items)
+    return lambda _request: data
 
 
 class _Rogue(QuicConnectionProtocol):
@@ -43,7 +54,18 @@ class _Rogue(QuicConnectionProtocol):
         self.source = source
         self.decoders: dict[int, FrameDecoder] = {}
 
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        # aioquic reports a peer's close only after its draining period; read it at once.
+        close = quic_internals.peer_close_event(self._quic)
+        if close is not None:
+            self.source.record_close(close)
+
     def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.ConnectionTerminated):
+            self.source.record_close(event)
+        elif isinstance(event, events.StopSendingReceived | events.StreamReset):
+            self.source.stopped_streams.add(event.stream_id)
         if not isinstance(event, events.StreamDataReceived):
             return
         decoder = self.decoders.setdefault(event.stream_id, FrameDecoder())
@@ -63,6 +85,14 @@ class _Rogue(QuicConnectionProtocol):
 
 
 class RogueSource:
+    """A QUIC server on loopback whose replies are scripted (see the module's doc).
+
+    It also records what the mirror did: every frame it sent (``received``), how it
+    closed the connection (``closes``, ``close_code()``) and the streams it stopped
+    or reset (``stopped_streams``); ``send`` pushes more bytes at any time.  A
+    ``create_protocol`` factory replaces the scripted protocol (``SnapshotFloodSource``).
+    """
+
     def __init__(
         self,
         certfile: str,
@@ -72,21 +102,65 @@ class RogueSource:
         *,
         finish_streams: bool = False,
         close_after_hello: int | None = None,
+        create_protocol: Callable[..., QuicConnectionProtocol] | None = None,
     ) -> None:
         self.on_hello = on_hello
         self.close_after_hello = close_after_hello
         self.finish_streams = finish_streams
         self.on_subscribe = on_subscribe
         self.received: list[Any] = []
+        self.closes: list[events.ConnectionTerminated] = []
+        self.stopped_streams: set[int] = set()
+        # Only the latest connection: a link that redials a thousand times leaves one here.
+        self.protocol: QuicConnectionProtocol | None = None
         self._configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
         self._configuration.load_cert_chain(certfile, keyfile)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="rogue-source", daemon=True)
+        self._thread: threading.Thread | None = None
         self._server: QuicServer | None = None
-        self._protocol_factory: Callable[..., QuicConnectionProtocol] = lambda *a, **k: _Rogue(
-            *a, source=self, **k
+        self._protocol_factory: Callable[..., QuicConnectionProtocol] = create_protocol or (
+            lambda *a, **k: _Rogue(*a, source=self, **k)
         )
         self.port = 0
+
+    # -- what the mirror did ---------------------------------------------------------------
+
+    def record_close(self, event: events.ConnectionTerminated) -> None:
+        if not self.closes or self.closes[-1] is not event:
+            self.closes.append(event)
+
+    def close_code(self, timeout: float = WAIT) -> int:
+        """The error code of the mirror's CONNECTION_CLOSE, once it came."""
+        wait_until(lambda: bool(self.closes), timeout, "the mirror's CONNECTION_CLOSE")
+        return self.closes[0].error_code
+
+    # -- acting on the loop thread ---------------------------------------------------------
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the rogue's loop thread and return its result."""
+
+        async def run() -> Any:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(WAIT)
+
+    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        """Send more bytes on a stream of the latest mirror connection."""
+
+        def push() -> None:
+            protocol = self.protocol
+            assert protocol is not None, "no mirror connected"
+            protocol._quic.send_stream_data(stream_id, data, end)
+            protocol.transmit()
+
+        self.call(push)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _create_protocol(self, *args: Any, **kwargs: Any) -> QuicConnectionProtocol:
+        protocol = self._protocol_factory(*args, **kwargs)
+        self.protocol = protocol
+        return protocol
 
     def _run(self, started: concurrent.futures.Future[int]) -> None:
         loop = self._loop
@@ -96,7 +170,7 @@ class RogueSource:
                     "127.0.0.1",
                     0,
                     configuration=self._configuration,
-                    create_protocol=self._protocol_factory,
+                    create_protocol=self._create_protocol,
                 )
             )
             assert self._server._transport is not None
@@ -117,7 +191,25 @@ class RogueSource:
 
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def rogue(
+    pki: DevPki,
+    on_hello: Callable[[Hello], bytes] | None = None,
+    on_subscribe: Callable[[Subscribe], bytes] | None = None,
+    **options: Any,
+) -> RogueSource:
+    """A ``RogueSource`` with ``CLUSTER``'s certificate that accepts every HELLO unless told."""
+    pair = pki.source(CLUSTER)
+    return RogueSource(
+        str(pair.cert),
+        str(pair.key),
+        accept(CLUSTER) if on_hello is None else on_hello,
+        on_subscribe,
+        **options,
+    )
 
 
 class _Flood(QuicConnectionProtocol):
@@ -206,8 +298,12 @@ class SnapshotFloodSource:
         self.announced, self.send_bytes, self.window = announced, send_bytes, window
         self.chunk_size, self.entry_size = chunk_size, entry_size
         self.sent_bytes = 0
-        self._rogue = RogueSource(certfile, keyfile, lambda hello: b"")
-        self._rogue._protocol_factory = lambda *a, **k: _Flood(*a, source=self, **k)
+        self._rogue = RogueSource(
+            certfile,
+            keyfile,
+            lambda hello: b"",
+            create_protocol=lambda *a, **k: _Flood(*a, source=self, **k),
+        )
 
     @property
     def port(self) -> int:

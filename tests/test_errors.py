@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mirror_actors.wire.errors import (
+from mirror_actors.wire import (
     ClusterIdMismatch,
     ErrorCode,
     HandshakeTimeout,

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from mirror_actors.topology.runner import RunSummary, TopologyRun
-from mirror_actors.topology.spec import load_topology, parse_topology
+from mirror_actors.topology import RunSummary, TopologyRun, load_topology, parse_topology
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

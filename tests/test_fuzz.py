@@ -16,23 +16,17 @@ explore others (the issue asks that schedules no one tuned for pass too).
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import struct
 import time
-import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
 import pytest
 
-from mirror_actors.wire.errors import MalformedFrame
-from mirror_actors.wire.frames import (
-    HANDSHAKE_MAX_PAYLOAD,
-    HEADER,
-    HEADER_SIZE,
+from mirror_actors.wire import (
     MAX_PAYLOAD,
     Ack,
     ConfChange,
@@ -44,14 +38,17 @@ from mirror_actors.wire.frames import (
     FrameType,
     Hello,
     HelloAck,
+    MalformedFrame,
     Propose,
     RequestVote,
     SnapshotChunk,
+    SnapshotDecoder,
     Subscribe,
     encode_frame,
-    max_payload,
+    encode_snapshot,
 )
-from mirror_actors.wire.snapshot import SnapshotDecoder, encode_snapshot
+from mirror_actors.wire.frames import HANDSHAKE_MAX_PAYLOAD, HEADER, HEADER_SIZE, max_payload
+from tests.helpers import U64_MAX, MiB, amplifying_entries, traced_memory
 
 SEED = int(os.environ.get("FUZZ_SEED", "20240606"))
 INPUTS = 100_000
@@ -74,7 +71,6 @@ FIELD_NAMES = sorted(
     {name for cls in FRAME_CLASSES for name, _ in getattr(cls, "FIELDS", ())}
     | {"entries", "lsn", "term", "data"}
 )
-U64 = 2**64 - 1
 
 
 # --- generators --------------------------------------------------------------------
@@ -87,8 +83,8 @@ def random_int(r: random.Random) -> int:
             r.randint(0, 2**8),
             r.randint(0, 2**16),
             r.randint(0, 2**32),
-            r.randint(0, U64),
-            r.choice([-1, -(2**63), 2**64, 2**64 + 1, U64, 2**63, 2**32 - 1]),
+            r.randint(0, U64_MAX),
+            r.choice([-1, -(2**63), 2**64, 2**64 + 1, U64_MAX, 2**63, 2**32 - 1]),
         ]
     )
 
@@ -108,7 +104,7 @@ def random_value(r: random.Random, depth: int = 0) -> Any:
         return r.random() < 0.5
     if kind == 2:
         value = random_int(r)
-        return value if -(2**63) <= value <= U64 else -value // 3  # packable
+        return value if -(2**63) <= value <= U64_MAX else -value // 3  # packable
     if kind == 3:
         return r.random() * 1e6
     if kind == 4:
@@ -132,9 +128,9 @@ def random_key(r: random.Random) -> Any:
 
 
 def valid_entries(r: random.Random) -> Entries:
-    first = r.choice([1, r.randint(1, 2**40), U64 - 3])
-    count = r.randint(1, 4 if first > U64 - 4 else 6)
-    count = min(count, U64 - first + 1)
+    first = r.choice([1, r.randint(1, 2**40), U64_MAX - 3])
+    count = r.randint(1, 4 if first > U64_MAX - 4 else 6)
+    count = min(count, U64_MAX - first + 1)
     return Entries(
         [Entry(first + i, r.randint(0, 9), r.randbytes(r.randint(0, 40))) for i in range(count)]
     )
@@ -144,33 +140,33 @@ def valid_frame(r: random.Random) -> Frame:
     u = random_int
     choice = r.randrange(10)
     if choice == 0:
-        return Hello(random_text(r), random_text(r), u(r) & U64, r.randint(0, 2**16 - 1))
+        return Hello(random_text(r), random_text(r), u(r) & U64_MAX, r.randint(0, 2**16 - 1))
     if choice == 1:
         return HelloAck(
             r.random() < 0.5,
             r.randint(0, 255),
             random_text(r),
             random_text(r),
-            u(r) & U64,
-            u(r) & U64,
+            u(r) & U64_MAX,
+            u(r) & U64_MAX,
         )
     if choice == 2:
-        return Subscribe(u(r) & U64)
+        return Subscribe(u(r) & U64_MAX)
     if choice == 3:
         return valid_entries(r)
     if choice == 4:
         return SnapshotChunk(
             random_text(r),
             random_text(r),
-            u(r) & U64,
-            u(r) & U64,
+            u(r) & U64_MAX,
+            u(r) & U64_MAX,
             r.randint(0, 2**32 - 1),
-            u(r) & U64,
+            u(r) & U64_MAX,
             r.randbytes(r.randint(0, 64)),
             r.random() < 0.5,
         )
     if choice == 5:
-        return Ack(u(r) & U64, u(r) & U64)
+        return Ack(u(r) & U64_MAX, u(r) & U64_MAX)
     if choice == 6:
         return Error(r.randint(0, 255), random_text(r, 40))
     body = {random_text(r, 6): random_value(r) for _ in range(r.randint(0, 4))}
@@ -343,7 +339,9 @@ def feed_one(
         assert decoder.buffered == 0, f"{where}: a broken decoder keeps no bytes"
         with pytest.raises(MalformedFrame):
             decoder.feed(b"\x10")  # it stays broken
-        return frames, error
+        # Without its traceback: those frames would keep the decoder (and its buffer) alive
+        # in a cycle through the caller until a collection.
+        return frames, error.with_traceback(None)
     except BaseException as error:
         raise AssertionError(
             f"{where}: {type(error).__name__} escaped the decoder: {error}"
@@ -351,30 +349,47 @@ def feed_one(
     return frames, None
 
 
-def run_fuzz(seed: int, count: int) -> Outcome:
+Generator = Callable[[random.Random], tuple[bytes, Any]]
+Check = Callable[[random.Random, bytes, Any, str], tuple[bool, int]]
+
+
+def drive(
+    seed: int, count: int, generators: Sequence[tuple[Generator, int]], check: Check, label: str
+) -> Outcome:
+    """``count`` inputs from weighted ``generators``; ``check`` says (malformed, items decoded)."""
     r = random.Random(seed)
-    generators = [g for g, _ in GENERATORS]
-    weights = [w for _, w in GENERATORS]
+    functions = [g for g, _ in generators]
+    weights = [w for _, w in generators]
     outcome = Outcome()
     for index in range(count):
-        generator = r.choices(generators, weights)[0]
+        generator = r.choices(functions, weights)[0]
         data, expected = generator(r)
-        pieces = split(r, data)
-        where = f"seed {seed} input {index} ({generator.__name__}, {len(data)} bytes)"
-        frames, error = feed_one(FrameDecoder(), pieces, where)
-        if expected is not None:
-            assert error is None, f"{where}: a valid encoding was refused: {error}"
-            assert frames == expected, f"{where}: round trip changed the frames"
-        for frame in frames:
-            assert isinstance(frame, FRAME_CLASSES), f"{where}: decoded a {type(frame)}"
-        outcome.frames += len(frames)
-        if error is None:
-            outcome.clean += 1
-        else:
+        where = f"seed {seed} {label} {index} ({generator.__name__}, {len(data)} bytes)"
+        malformed, decoded = check(r, data, expected, where)
+        outcome.frames += decoded
+        if malformed:
             outcome.malformed += 1
+        else:
+            outcome.clean += 1
         name = generator.__name__
         outcome.by_generator[name] = outcome.by_generator.get(name, 0) + 1
     return outcome
+
+
+def check_frames(
+    r: random.Random, data: bytes, expected: list[Frame] | None, where: str
+) -> tuple[bool, int]:
+    frames, error = feed_one(FrameDecoder(), split(r, data), where)
+    if expected is not None:
+        assert error is None, f"{where}: a valid encoding was refused: {error}"
+        assert frames == expected, f"{where}: round trip changed the frames"
+    for frame in frames:
+        assert isinstance(frame, FRAME_CLASSES), f"{where}: decoded a {type(frame)}"
+    return error is not None, len(frames)
+
+
+def run_fuzz(seed: int, count: int) -> Outcome:
+    return drive(seed, count, GENERATORS, check_frames, "input")
 
 
 @pytest.mark.timeout(120)
@@ -400,21 +415,6 @@ def test_other_seeds_pass_too(seed: int) -> None:
 
 # --- memory ------------------------------------------------------------------------
 
-MiB = 1 << 20
-
-
-def peak_while(action: Callable[[], object]) -> tuple[int, int]:
-    """Peak and retained traced memory (bytes) while and after running ``action``."""
-    gc.collect()
-    tracemalloc.start()
-    try:
-        action()
-        gc.collect()
-        current, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return peak, current
-
 
 def test_a_long_stream_of_large_frames_keeps_memory_to_one_frame() -> None:
     """64 MiB of legal 1 MiB frames fed in 16 KiB pieces: never more than about two frames held."""
@@ -431,7 +431,7 @@ def test_a_long_stream_of_large_frames_keeps_memory_to_one_frame() -> None:
                     pass  # dropped at once, as a consumer that applied it would
                 high_water = max(high_water, decoder.buffered)
 
-    peak, _ = peak_while(feed)
+    peak, _ = traced_memory(feed)
     assert high_water <= BUFFER_BOUND
     assert peak < 6 * MiB, f"peak {peak / MiB:.1f} MiB while streaming 64 MiB"
 
@@ -447,13 +447,13 @@ def test_oversize_prefixes_never_buffer_anything() -> None:
                     decoder.feed(HEADER.pack(frame_type, length) + b"\x00" * 1000)
                 assert decoder.buffered == 0
 
-    peak, _ = peak_while(feed)
+    peak, _ = traced_memory(feed)
     assert peak < 1 * MiB
 
 
 def test_fuzzing_under_tracemalloc_stays_within_a_few_frames() -> None:
     """5,000 fuzz inputs with allocation tracing on: the peak stays a few MiB, nothing is kept."""
-    peak, retained = peak_while(lambda: run_fuzz(SEED + 1, 5_000))
+    peak, retained = traced_memory(lambda: run_fuzz(SEED + 1, 5_000))
     assert peak < 16 * MiB, f"peak {peak / MiB:.1f} MiB"
     assert retained < 1 * MiB, f"{retained / MiB:.1f} MiB retained after fuzzing"
 
@@ -474,15 +474,8 @@ def test_deep_nesting_is_refused_without_blowing_the_stack_or_memory() -> None:
         with pytest.raises(MalformedFrame):
             FrameDecoder().feed(data)
 
-    peak, _ = peak_while(feed)
+    peak, _ = traced_memory(feed)
     assert peak < 8 * MiB
-
-
-def amplifying_entries() -> bytes:
-    """One legal-sized ENTRIES frame whose array holds a million empty maps."""
-    count = MAX_PAYLOAD - 20
-    payload = (b"\x81\xa7entries\xdd" + struct.pack(">I", count) + b"\x80" * count)[:MAX_PAYLOAD]
-    return HEADER.pack(FrameType.ENTRIES, len(payload)) + payload
 
 
 def test_a_frame_that_expands_in_memory_costs_a_bounded_transient_peak() -> None:
@@ -497,7 +490,7 @@ def test_a_frame_that_expands_in_memory_costs_a_bounded_transient_peak() -> None
         with pytest.raises(MalformedFrame, match="missing field 'lsn'"):
             FrameDecoder().feed(data)
 
-    peak, retained = peak_while(feed)
+    peak, retained = traced_memory(feed)
     print(f"\n1 MiB amplifying frame: transient peak {peak / MiB:.1f} MiB")
     assert peak < 128 * MiB
     assert retained < 1 * MiB
@@ -511,7 +504,7 @@ def test_a_broken_decoder_does_not_keep_the_decoded_payload_alive() -> None:
         with pytest.raises(MalformedFrame):
             decoder.feed(data)
 
-    _, retained = peak_while(feed)
+    _, retained = traced_memory(feed)
     assert retained < 4 * MiB, f"{retained / MiB:.1f} MiB retained by a broken decoder"
 
 
@@ -527,10 +520,10 @@ SNAPSHOT_INPUTS = 60_000
 
 
 def valid_snapshot_entries(r: random.Random) -> list[Entry]:
-    term = r.choice([0, 1, r.randint(0, 2**32), U64 - 50])
+    term = r.choice([0, 1, r.randint(0, 2**32), U64_MAX - 50])
     entries = []
     for lsn in range(1, r.randint(0, 12) + 1):
-        term = min(U64, term + r.choice([0, 0, 1, r.randint(0, 5)]))
+        term = min(U64_MAX, term + r.choice([0, 0, 1, r.randint(0, 5)]))
         entries.append(Entry(lsn, term, r.randbytes(r.choice([0, r.randint(0, 40), 300]))))
     return entries
 
@@ -608,7 +601,7 @@ def decode_snapshot_pieces(pieces: list[bytes], where: str) -> list[Entry] | Mal
             entries += decoder.feed(piece)
         decoder.finish(decoder.last_lsn)
     except MalformedFrame as error:
-        return error
+        return error.with_traceback(None)  # as in feed_one: no decoder kept alive
     except BaseException as error:
         raise AssertionError(
             f"{where}: {type(error).__name__} escaped the snapshot decoder: {error}"
@@ -616,30 +609,23 @@ def decode_snapshot_pieces(pieces: list[bytes], where: str) -> list[Entry] | Mal
     return entries
 
 
+def check_snapshot(
+    r: random.Random, data: bytes, expected: list[Entry] | None, where: str
+) -> tuple[bool, int]:
+    result = decode_snapshot_pieces(split(r, data), where)
+    if expected is not None:
+        assert result == expected, f"{where}: a valid snapshot decoded to {result!r:.200}"
+    if isinstance(result, MalformedFrame):
+        return True, 0
+    lsns = [e.lsn for e in result]
+    assert lsns == list(range(1, len(result) + 1)), f"{where}: LSNs {lsns}"
+    terms = [e.term for e in result]
+    assert terms == sorted(terms), f"{where}: terms {terms} go down"
+    return False, len(result)
+
+
 def run_snapshot_fuzz(seed: int, count: int) -> Outcome:
-    r = random.Random(seed)
-    generators = [g for g, _ in SNAPSHOT_GENERATORS]
-    weights = [w for _, w in SNAPSHOT_GENERATORS]
-    outcome = Outcome()
-    for index in range(count):
-        generator = r.choices(generators, weights)[0]
-        data, expected = generator(r)
-        where = f"seed {seed} snapshot input {index} ({generator.__name__}, {len(data)} bytes)"
-        result = decode_snapshot_pieces(split(r, data), where)
-        if expected is not None:
-            assert result == expected, f"{where}: a valid snapshot decoded to {result!r:.200}"
-        if isinstance(result, MalformedFrame):
-            outcome.malformed += 1
-        else:
-            outcome.clean += 1
-            outcome.frames += len(result)
-            lsns = [e.lsn for e in result]
-            assert lsns == list(range(1, len(result) + 1)), f"{where}: LSNs {lsns}"
-            terms = [e.term for e in result]
-            assert terms == sorted(terms), f"{where}: terms {terms} go down"
-        name = generator.__name__
-        outcome.by_generator[name] = outcome.by_generator.get(name, 0) + 1
-    return outcome
+    return drive(seed, count, SNAPSHOT_GENERATORS, check_snapshot, "snapshot input")
 
 
 @pytest.mark.timeout(120)
@@ -665,7 +651,7 @@ def test_snapshot_decoder_fuzz_other_seeds(seed: int) -> None:
 
 def test_snapshot_decoder_fuzz_under_tracemalloc_stays_bounded() -> None:
     """3,000 inputs, lying lengths included, traced: a few MiB at most, nothing kept."""
-    peak, retained = peak_while(lambda: run_snapshot_fuzz(SEED + 2, 3_000))
+    peak, retained = traced_memory(lambda: run_snapshot_fuzz(SEED + 2, 3_000))
     assert peak < 16 * MiB, f"peak {peak / MiB:.1f} MiB"
     assert retained < 1 * MiB, f"{retained / MiB:.1f} MiB retained after fuzzing"
 
@@ -681,5 +667,5 @@ def test_snapshot_decoder_refuses_a_lying_length_fed_forever() -> None:
             for _ in range(64):  # 16 MiB, if it kept taking it
                 decoder.feed(piece)
 
-    peak, _ = peak_while(feed)
+    peak, _ = traced_memory(feed)
     assert peak < 2 * MAX_PAYLOAD + 2 * MiB, f"peak {peak / MiB:.1f} MiB"

@@ -10,23 +10,20 @@ keeps the same threads.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 from aioquic.quic.events import StreamReset
 
 from mirror_actors.pki import DevPki
-from mirror_actors.source.server import SourceServer
-from mirror_actors.source.session import SourceSettings
-from mirror_actors.wire.errors import ErrorCode
-from mirror_actors.wire.frames import (
-    HEADER,
+from mirror_actors.source import SourceServer, SourceSettings
+from mirror_actors.wire import (
     Ack,
     ConfChange,
     Entries,
     Error,
+    ErrorCode,
     FrameType,
     Hello,
     Propose,
@@ -34,28 +31,26 @@ from mirror_actors.wire.frames import (
     Subscribe,
     encode_frame,
 )
-from tests.rawclient import END, RawClient
-from tests.test_source_server import (
-    CLUSTER,
+from mirror_actors.wire.frames import HEADER
+from tests.helpers import CLUSTER, thread_names
+from tests.rawclient import (
+    END,
+    RawClient,
     accepted,
     collect_entries,
     expect_error_and_close,
-    make_server,
     mirror,
 )
 
 Attack = Callable[[SourceServer, DevPki], Awaitable[Any]]
+T = TypeVar("T")
 MAX_SUBSCRIPTIONS = 64
 
 
 @pytest.fixture
-def source(pki: DevPki) -> Iterator[SourceServer]:
-    with make_server(pki, settings=SourceSettings(max_subscriptions=MAX_SUBSCRIPTIONS)) as server:
-        yield server
-
-
-def thread_names() -> list[str]:
-    return sorted(t.name for t in threading.enumerate())
+def source_settings() -> SourceSettings:
+    """The ``source`` fixture's limit, pinned here: a test counts up to it."""
+    return SourceSettings(max_subscriptions=MAX_SUBSCRIPTIONS)
 
 
 def beside_a_good_mirror(source: SourceServer, pki: DevPki, attack: Attack) -> Any:
@@ -87,8 +82,8 @@ def beside_a_good_mirror(source: SourceServer, pki: DevPki, attack: Attack) -> A
 
 
 async def attacked(
-    source: SourceServer, pki: DevPki, act: Callable[[RawClient], Awaitable[Any]]
-) -> Any:
+    source: SourceServer, pki: DevPki, act: Callable[[RawClient], Awaitable[T]]
+) -> T:
     async with mirror(source, pki) as bad:
         return await act(bad)
 

@@ -18,20 +18,13 @@ the good link must keep receiving every entry; no thread may be left behind.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import gc
 import random
-import struct
-import threading
 import time
-import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pykka
 import pytest
-from aioquic.asyncio.server import serve
-from aioquic.quic import events
 
 from mirror_actors import (
     ClusterIdMismatch,
@@ -40,131 +33,52 @@ from mirror_actors import (
     Entry,
     MalformedFrame,
     ObserverRoleViolation,
-    OpenStream,
     SourceLink,
     SourceShutdown,
     Subscribe,
     TransportError,
     link_strategy,
 )
-from mirror_actors.link import quic_internals
-from mirror_actors.link.state import LinkState
-from mirror_actors.link.stream import LinkStream
+from mirror_actors.link import LinkState, LinkStream
 from mirror_actors.pki import DevPki
-from mirror_actors.replica.actor import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from mirror_actors.replica.cursor import ReplicationError
-from mirror_actors.replica.stores import MemoryReplicaStore
-from mirror_actors.source.log import crc32c, encode_snapshot
-from mirror_actors.source.server import SourceServer
-from mirror_actors.wire.errors import ErrorCode, MirrorError
-from mirror_actors.wire.frames import (
-    HEADER,
+from mirror_actors.replica import (
+    MemoryReplicaStore,
+    MirrorDatabase,
+    ReplicationError,
+)
+from mirror_actors.source import SourceServer
+from mirror_actors.wire import (
     MAX_PAYLOAD,
     Error,
-    FrameType,
+    ErrorCode,
     HelloAck,
+    MirrorError,
     RequestVote,
     SnapshotChunk,
+    crc32c,
     encode_frame,
+    encode_snapshot,
 )
-from supervisors import ChildSpec, ChildState, GetChild, Supervisor, WhichChildren
+from supervisors import ChildSpec, ChildState, Supervisor
 from supervisors.testing import ManualClock
-from tests.rogue_source import RogueSource, _Rogue, accept
-from tests.test_link import CLUSTER, Escalations, config_for, source_server, status, wait_until
-
-WAIT = 5.0
-MiB = 1 << 20
-
-
-# -- a rogue that also records how the mirror closed on it ------------------------------------
-
-
-class _RecordingRogue(_Rogue):
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
-        # aioquic reports a peer's close only after its draining period; read it at once.
-        close = quic_internals.peer_close_event(self._quic)
-        if close is not None:
-            self.source.record_close(close)
-
-    def quic_event_received(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.ConnectionTerminated):
-            self.source.record_close(event)
-        elif isinstance(event, events.StopSendingReceived | events.StreamReset):
-            self.source.stopped_streams.add(event.stream_id)
-        super().quic_event_received(event)
-
-
-class Rogue(RogueSource):
-    """``RogueSource`` plus: the mirror's close, its STOP_SENDINGs, and a hook to push more."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.closes: list[events.ConnectionTerminated] = []
-        self.stopped_streams: set[int] = set()
-        self.protocols: list[_RecordingRogue] = []
-
-    def record_close(self, event: events.ConnectionTerminated) -> None:
-        if not self.closes or self.closes[-1] is not event:
-            self.closes.append(event)
-
-    def close_code(self, timeout: float = WAIT) -> int:
-        wait_until(lambda: bool(self.closes), timeout, "the mirror's CONNECTION_CLOSE")
-        return self.closes[0].error_code
-
-    def call(self, function: Callable[[], Any]) -> Any:
-        """Run ``function`` on the rogue's loop thread and return its result."""
-
-        async def run() -> Any:
-            return function()
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(WAIT)
-
-    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
-        """Send more bytes on a stream of the (single) mirror connection."""
-
-        def push() -> None:
-            protocol = self.protocols[-1]
-            protocol._quic.send_stream_data(stream_id, data, end)
-            protocol.transmit()
-
-        self.call(push)
-
-    def _run(self, started: concurrent.futures.Future[int]) -> None:
-        loop = self._loop
-
-        def create(*args: Any, **kwargs: Any) -> _RecordingRogue:
-            protocol = _RecordingRogue(*args, source=self, **kwargs)
-            self.protocols.append(protocol)
-            return protocol
-
-        try:
-            self._server = loop.run_until_complete(
-                serve("127.0.0.1", 0, configuration=self._configuration, create_protocol=create)
-            )
-            assert self._server._transport is not None
-            started.set_result(self._server._transport.get_extra_info("sockname")[1])
-            loop.run_forever()
-        finally:
-            if self._server is not None:
-                self._server.close()
-            loop.run_until_complete(asyncio.sleep(0))
-            loop.close()
-
-
-def rogue(pki: DevPki, on_hello: Any = None, on_subscribe: Any = None) -> Rogue:
-    pair = pki.source(CLUSTER)
-    return Rogue(str(pair.cert), str(pair.key), on_hello or accept(CLUSTER), on_subscribe)
-
-
-def frames(*items: Any) -> Callable[[Any], bytes]:
-    data = b"".join(i if isinstance(i, bytes) else encode_frame(i) for i in items)
-    return lambda _request: data
-
-
-def entries(first: int, count: int) -> Entries:
-    return Entries([Entry(first + i, 1, b"r%d" % (first + i)) for i in range(count)])
-
+from tests.helpers import (
+    CLUSTER,
+    WAIT,
+    Escalations,
+    MiB,
+    amplifying_entries,
+    child_ref,
+    children,
+    config_for,
+    entries,
+    link_status,
+    open_stream,
+    replica_status,
+    thread_names,
+    traced_memory,
+    wait_until,
+)
+from tests.rogue_source import RogueSource, accept, frames, rogue
 
 # -- the bystander: a link to a good source ------------------------------------------------
 
@@ -186,30 +100,24 @@ class GoodLink:
         assert got == lsns == list(range(self.next_lsn, self.next_lsn + count))
         self.next_lsn += count
         self.stream.ack(got[-1])
-        assert status(self.link).state is LinkState.CONNECTED
-
-
-def own_threads() -> set[str]:
-    # The QUIC loop's getaddrinfo executor ("asyncio_N") is a bounded idle pool, not ours.
-    return {t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")}
+        assert link_status(self.link).state is LinkState.CONNECTED
 
 
 @pytest.fixture
-def good(pki: DevPki) -> Iterator[GoodLink]:
-    with source_server(pki) as source:
-        link = SourceLink.start(config_for(pki, source.port))
-        try:
-            link.ask(Connect())
-            stream = link.ask(OpenStream())
-            stream.send(Subscribe(1))
-            bystander = GoodLink(source, link, stream)
-            bystander.still_receives()
-            threads = own_threads()
-            yield bystander
-            bystander.still_receives()
-            assert own_threads() == threads
-        finally:
-            link.stop()
+def good(pki: DevPki, source: SourceServer) -> Iterator[GoodLink]:
+    link = SourceLink.start(config_for(pki, source.port))
+    try:
+        link.ask(Connect())
+        stream = open_stream(link)
+        stream.send(Subscribe(1))
+        bystander = GoodLink(source, link, stream)
+        bystander.still_receives()
+        threads = set(thread_names(executor_pool=False))
+        yield bystander
+        bystander.still_receives()
+        assert set(thread_names(executor_pool=False)) == threads
+    finally:
+        link.stop()
 
 
 def attacked_link(pki: DevPki, port: int, **kwargs: Any) -> pykka.ActorRef[Any]:
@@ -219,7 +127,7 @@ def attacked_link(pki: DevPki, port: int, **kwargs: Any) -> pykka.ActorRef[Any]:
 def stream_error(link: pykka.ActorRef[Any], *, skip_entries: bool = True) -> MirrorError:
     """Connect, subscribe, and read until the stream fails; return the typed error."""
     link.ask(Connect())
-    stream = link.ask(OpenStream())
+    stream = open_stream(link)
     stream.send(Subscribe(1))
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
@@ -232,8 +140,8 @@ def stream_error(link: pykka.ActorRef[Any], *, skip_entries: bool = True) -> Mir
 
 
 def lost(link: pykka.ActorRef[Any]) -> MirrorError:
-    wait_until(lambda: status(link).state is LinkState.DISCONNECTED, what="the link to drop")
-    error = status(link).last_error
+    wait_until(lambda: link_status(link).state is LinkState.DISCONNECTED, what="the link to drop")
+    error = link_status(link).last_error
     assert error is not None
     return error
 
@@ -257,7 +165,7 @@ def test_a_garbage_ack_is_malformed_and_closes_with_0x05(
         try:
             with pytest.raises(MalformedFrame) as raised:
                 link.ask(Connect())
-            assert status(link).state is LinkState.DISCONNECTED
+            assert link_status(link).state is LinkState.DISCONNECTED
         finally:
             link.stop()
         assert source.close_code() == ErrorCode.MALFORMED
@@ -314,12 +222,12 @@ def test_a_voter_class_frame_mid_stream_escalates_a_supervised_link(pki: DevPki)
             on_escalation=escalations,
         )
         try:
-            link = supervisor.ask(GetChild("link"))
-            wait_until(lambda: status(link).state is LinkState.CONNECTED)
-            stream = link.ask(OpenStream())
+            link = child_ref(supervisor, "link")
+            wait_until(lambda: link_status(link).state is LinkState.CONNECTED)
+            stream = open_stream(link)
             stream.send(Subscribe(1))
             assert escalations.arrived.wait(WAIT)
-            (child,) = supervisor.ask(WhichChildren())
+            (child,) = children(supervisor)
         finally:
             supervisor.stop()
     assert isinstance(escalations.events[0].root_cause, ObserverRoleViolation)
@@ -331,7 +239,7 @@ def test_data_on_a_stream_the_mirror_never_opened_is_malformed(pki: DevPki, good
         link = attacked_link(pki, source.port)
         try:
             link.ask(Connect())
-            wait_until(lambda: bool(source.protocols))
+            wait_until(lambda: source.protocol is not None)
             # Server-initiated bidirectional stream 1: a mirror never asked for it.
             source.send(1, encode_frame(entries(1, 1)))
             error = lost(link)
@@ -380,14 +288,14 @@ def test_a_source_finishing_a_replication_stream_ends_it_with_a_transport_error(
         link = attacked_link(pki, source.port)
         try:
             link.ask(Connect())
-            stream = link.ask(OpenStream())
+            stream = open_stream(link)
             stream.send(Subscribe(1))
             wait_until(lambda: any(isinstance(f, Subscribe) for f in source.received))
             source.send(stream.stream_id, encode_frame(entries(1, 1)), end=True)
             assert isinstance(stream.recv(timeout=WAIT), Entries)
             with pytest.raises(TransportError, match="finished stream"):
                 stream.recv(timeout=WAIT)
-            assert status(link).state is LinkState.CONNECTED, "only that stream ended"
+            assert link_status(link).state is LinkState.CONNECTED, "only that stream ended"
         finally:
             link.stop()
 
@@ -408,7 +316,7 @@ def test_a_violation_arriving_with_the_accepting_ack_fails_the_link(
             except MirrorError:
                 pass  # the right outcome: Connect fails with the typed error
             assert source.close_code() in (ErrorCode.MALFORMED, ErrorCode.OBSERVER_ONLY)
-            state = status(link).state
+            state = link_status(link).state
         finally:
             link.stop()
     assert state is LinkState.DISCONNECTED, "the link claims a connection it already closed"
@@ -465,15 +373,10 @@ def test_the_replica_refuses_a_bad_snapshot_or_a_gap_and_keeps_only_good_data(
             on_escalation=escalations,
         )
         try:
-
-            def replica_status() -> ReplicaStatus:
-                result: ReplicaStatus = replica.ask(GetReplicaStatus())
-                return result
-
-            wait_until(lambda: replica_status().replication_errors >= 1, what="a refusal")
+            wait_until(lambda: replica_status(replica).replication_errors >= 1, what="a refusal")
             assert source.close_code() == ErrorCode.MALFORMED
             wait_until(lambda: bool(clock.pending()), what="a restart with backoff")
-            final = replica_status()
+            final = replica_status(replica)
             error = final.link.last_error if final.link is not None else None
         finally:
             replica.stop()
@@ -493,7 +396,7 @@ class Flood:
     memory grows.
     """
 
-    def __init__(self, source: Rogue) -> None:
+    def __init__(self, source: RogueSource) -> None:
         self.source = source
         self.sent = 0
         self.task: asyncio.Task[None] | None = None
@@ -505,7 +408,8 @@ class Flood:
         return b""
 
     async def _run(self) -> None:
-        protocol = self.source.protocols[-1]
+        protocol = self.source.protocol
+        assert protocol is not None
         lsn = 1
         while True:
             stream = protocol._quic._streams.get(4)
@@ -545,18 +449,18 @@ def test_an_endless_stream_of_frames_is_bounded(pki: DevPki, good: GoodLink) -> 
         link = attacked_link(pki, source.port, idle_timeout=30.0)
         try:
             link.ask(Connect())
-            stream = link.ask(OpenStream())
+            stream = open_stream(link)
             stream.send(Subscribe(1))
             limit = 96 * MiB
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                current = status(link)
+                current = link_status(link)
                 if current.state is not LinkState.CONNECTED or current.bytes_in > limit:
                     break
                 time.sleep(0.05)
             buffered = stream._inbox.qsize()
             print(
-                f"\nflood: link {status(link).state.value}, {status(link).bytes_in / MiB:.0f} MiB in,"
+                f"\nflood: link {link_status(link).state.value}, {link_status(link).bytes_in / MiB:.0f} MiB in,"
                 f" {buffered} frames of 1 MiB queued unread"
             )
             flood.stop()
@@ -565,26 +469,16 @@ def test_an_endless_stream_of_frames_is_bounded(pki: DevPki, good: GoodLink) -> 
     assert buffered <= 64 + 2, f"{buffered} MiB buffered by a mirror that never read"
 
 
-def amplifying_entries() -> bytes:
-    count = MAX_PAYLOAD - 20
-    payload = (b"\x81\xa7entries\xdd" + struct.pack(">I", count) + b"\x80" * count)[:MAX_PAYLOAD]
-    return HEADER.pack(FrameType.ENTRIES, len(payload)) + payload
-
-
 def test_a_malformed_frame_does_not_pin_memory_in_the_link(pki: DevPki, good: GoodLink) -> None:
     with rogue(pki, on_subscribe=frames(amplifying_entries())) as source:
         link = attacked_link(pki, source.port)
         try:
-            gc.collect()
-            tracemalloc.start()
-            try:
-                error = stream_error(link)
+
+            def attack() -> None:
+                stream_error(link)
                 assert isinstance(lost(link), MalformedFrame)
-                del error
-                gc.collect()
-                retained, peak = tracemalloc.get_traced_memory()
-            finally:
-                tracemalloc.stop()
+
+            peak, retained = traced_memory(attack)
             print(
                 f"\nafter the malformed frame: peak {peak / MiB:.0f} MiB, kept {retained / MiB:.0f} MiB"
             )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,66 +27,40 @@ from mirror_actors import (
     TransportError,
     UnknownDatabase,
 )
-from mirror_actors.faults.proxy import UdpProxy
-from mirror_actors.link.actor import (
+from mirror_actors.faults import UdpProxy
+from mirror_actors.link import (
     Connect,
     Disconnect,
     FailLink,
-    GetStatus,
+    LinkConfig,
+    LinkState,
     OpenStream,
     Promote,
     SourceLink,
+    StreamClosed,
     link_strategy,
 )
-from mirror_actors.link.config import LinkConfig
 from mirror_actors.link.loop import QuicLoop
-from mirror_actors.link.state import LinkState, LinkStatus
-from mirror_actors.link.stream import StreamClosed
 from mirror_actors.pki import CertificateAuthority, DevPki
-from mirror_actors.source.log import SourceStore
-from mirror_actors.source.server import SourceServer
-from mirror_actors.wire import RequestVote
-from mirror_actors.wire.frames import Hello
-from supervisors import ChildSpec, ChildState, EscalationEvent, GetChild, Supervisor, WhichChildren
+from mirror_actors.source import SourceServer, SourceStore
+from mirror_actors.wire import Hello, MalformedFrame, RequestVote
+from supervisors import ChildSpec, ChildState, Supervisor
 from supervisors.testing import ManualClock
-from tests.rogue_source import RogueSource, accept
-
-CLUSTER = "us-east"
-WAIT = 5.0
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = WAIT, what: str = "condition"
-) -> None:
-    """Poll a condition until it holds; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.005)
-
-
-def source_server(pki: DevPki, **kwargs: Any) -> SourceServer:
-    pair = pki.source(CLUSTER)
-    return SourceServer(
-        kwargs.pop("cluster_id", CLUSTER),
-        kwargs.pop("databases", ("orders",)),
-        certfile=str(pair.cert),
-        keyfile=str(pair.key),
-        **kwargs,
-    )
-
-
-@pytest.fixture
-def source(pki: DevPki) -> Iterator[SourceServer]:
-    with source_server(pki) as server:
-        yield server
-
-
-def config_for(pki: DevPki, port: int, **kwargs: Any) -> LinkConfig:
-    options: dict[str, Any] = {"ca_file": str(pki.ca.cert), "port": port, "handshake_timeout": 2.0}
-    options.update(kwargs)
-    return LinkConfig(options.pop("cluster", CLUSTER), options.pop("database", "orders"), **options)
+from tests.helpers import (
+    CLUSTER,
+    WAIT,
+    Escalations,
+    child_ref,
+    children,
+    config_for,
+    connect,
+    link_status,
+    open_fds,
+    open_stream,
+    source_server,
+    wait_until,
+)
+from tests.rogue_source import accept, rogue
 
 
 @pytest.fixture
@@ -95,21 +68,6 @@ def standalone(pki: DevPki, source: SourceServer) -> Iterator[pykka.ActorRef[Any
     link = SourceLink.start(config_for(pki, source.port))
     yield link
     link.stop()
-
-
-def status(link: pykka.ActorRef[Any]) -> LinkStatus:
-    result: LinkStatus = link.ask(GetStatus())
-    return result
-
-
-class Escalations:
-    def __init__(self) -> None:
-        self.events: list[EscalationEvent] = []
-        self.arrived = threading.Event()
-
-    def __call__(self, event: EscalationEvent) -> None:
-        self.events.append(event)
-        self.arrived.set()
 
 
 def supervise(config: LinkConfig, clock: Any = None, **strategy: Any) -> tuple[Any, Escalations]:
@@ -130,14 +88,14 @@ def test_connect_answers_the_accepted_ack(standalone: Any) -> None:
     ack = standalone.ask(Connect(last_applied_lsn=0))
     assert ack.accepted and ack.source_cluster_id == CLUSTER
     assert standalone.ask(Connect()) == ack, "connecting a connected link answers the current ack"
-    current = status(standalone)
+    current = link_status(standalone)
     assert current.state is LinkState.CONNECTED
     assert current.attempts == 1 and current.connected_since is not None
     assert current.bytes_in > 0 and current.bytes_out > 0
 
 
 def test_a_standalone_link_waits_for_connect(standalone: Any) -> None:
-    assert status(standalone).state is LinkState.DISCONNECTED
+    assert link_status(standalone).state is LinkState.DISCONNECTED
 
 
 def test_open_stream_subscribe_receive_and_ack(standalone: Any, source: SourceServer) -> None:
@@ -160,7 +118,7 @@ def test_open_stream_subscribe_receive_and_ack(standalone: Any, source: SourceSe
         tail = stream.recv(timeout=WAIT)
         assert isinstance(tail, Entries) and tail.entries[0].data == b"tail"
     assert [e.data for e in received] == [b"entry %d" % i for i in range(1, 11)]
-    assert status(standalone).last_applied_lsn == 10
+    assert link_status(standalone).last_applied_lsn == 10
 
 
 def test_streams_are_usable_from_other_threads(standalone: Any, source: SourceServer) -> None:
@@ -168,7 +126,7 @@ def test_streams_are_usable_from_other_threads(standalone: Any, source: SourceSe
     results: list[Any] = []
 
     def follow() -> None:
-        stream = standalone.ask(OpenStream())
+        stream = open_stream(standalone)
         stream.send(Subscribe(1))
         results.append(stream.recv(timeout=WAIT))
         stream.close()
@@ -184,7 +142,7 @@ def test_streams_are_usable_from_other_threads(standalone: Any, source: SourceSe
 
 def test_closing_a_stream_wakes_a_reader_blocked_without_a_timeout(standalone: Any) -> None:
     standalone.ask(Connect())
-    stream = standalone.ask(OpenStream())
+    stream = open_stream(standalone)
     stream.send(Subscribe(1))
     outcome: list[BaseException] = []
     reading = threading.Event()
@@ -236,14 +194,14 @@ def test_a_stream_knows_its_id_at_once_even_while_the_loop_thread_is_busy(
 
 def test_a_report_about_a_stream_of_an_earlier_connection_is_ignored(standalone: Any) -> None:
     standalone.ask(Connect())
-    old = standalone.ask(OpenStream())
+    old = open_stream(standalone)
     standalone.ask(Disconnect())
     standalone.ask(Connect())
-    current = standalone.ask(OpenStream())
+    current = open_stream(standalone)
     standalone.ask(FailLink(TransportError("about the old connection"), old))
-    assert status(standalone).state is LinkState.CONNECTED
+    assert link_status(standalone).state is LinkState.CONNECTED
     standalone.ask(FailLink(TransportError("about this one"), current))
-    assert status(standalone).state is LinkState.DISCONNECTED
+    assert link_status(standalone).state is LinkState.DISCONNECTED
 
 
 def test_a_link_runs_on_a_quic_loop_handed_to_it(pki: DevPki, source: SourceServer) -> None:
@@ -251,9 +209,9 @@ def test_a_link_runs_on_a_quic_loop_handed_to_it(pki: DevPki, source: SourceServ
     try:
         link = SourceLink.start(config_for(pki, source.port), quic_loop=quic_loop)
         try:
-            assert link.ask(Connect()).accepted
+            assert connect(link).accepted
             assert QuicLoop.users() == 0, "the shared process loop was not used"
-            stream = link.ask(OpenStream())
+            stream = open_stream(link)
             stream.send(Subscribe(1))
             source.append("orders", b"own loop")
             assert isinstance(stream.recv(timeout=WAIT), Entries)
@@ -271,7 +229,7 @@ def test_open_stream_on_a_link_that_is_not_connected_fails_at_once(standalone: A
 
 def test_the_stream_refuses_voter_class_frames(standalone: Any, source: SourceServer) -> None:
     standalone.ask(Connect())
-    stream = standalone.ask(OpenStream())
+    stream = open_stream(standalone)
     with pytest.raises(ObserverRoleViolation) as raised:
         stream.send(RequestVote({"term": 1}))
     assert raised.value.hard
@@ -296,27 +254,28 @@ def test_disconnect_cancels_a_dial_in_progress(pki: DevPki, source: SourceServer
         link = SourceLink.start(config_for(pki, proxy.port, handshake_timeout=30.0))
         try:
             pending = link.ask(Connect(), block=False)
-            wait_until(lambda: status(link).state is LinkState.CONNECTING)
+            wait_until(lambda: link_status(link).state is LinkState.CONNECTING)
             started = time.monotonic()
             link.ask(Disconnect())
             with pytest.raises(LinkNotConnected, match="cancelled by Disconnect"):
                 pending.get(timeout=WAIT)
             assert time.monotonic() - started < 0.5
-            assert status(link).state is LinkState.DISCONNECTED
+            assert link_status(link).state is LinkState.DISCONNECTED
             proxy.unblock()
-            assert link.ask(Connect()).accepted, "the link still works after a cancelled dial"
+            assert connect(link).accepted, "the link still works after a cancelled dial"
         finally:
             link.stop()
 
 
 def test_a_closing_source_is_noticed_at_once(standalone: Any, source: SourceServer) -> None:
     standalone.ask(Connect())
-    stream = standalone.ask(OpenStream())
+    stream = open_stream(standalone)
     started = time.monotonic()
     source.stop()
-    wait_until(lambda: status(standalone).state is LinkState.DISCONNECTED)
+    wait_until(lambda: link_status(standalone).state is LinkState.DISCONNECTED)
     assert time.monotonic() - started < 0.5
-    error = status(standalone).last_error
+    error = link_status(standalone).last_error
+    assert error is not None
     assert type(error).__name__ == "SourceShutdown" and not error.hard
     with pytest.raises(type(error)):
         stream.recv(timeout=WAIT)
@@ -329,18 +288,15 @@ def test_a_source_closing_right_after_its_ack_leaves_the_link_disconnected(
     # Found by the soak: a source stopping while it accepts a mirror sends the
     # ack and its close back to back; the loss used to reach the link before
     # the dial's outcome, was ignored, and the link stayed CONNECTED for ever.
-    pair = pki.source(CLUSTER)
-    with RogueSource(
-        str(pair.cert), str(pair.key), accept(CLUSTER), close_after_hello=0x06
-    ) as rogue:
-        link = SourceLink.start(config_for(pki, rogue.port))
+    with rogue(pki, close_after_hello=0x06) as source:
+        link = SourceLink.start(config_for(pki, source.port))
         try:
             try:
                 link.ask(Connect(), timeout=WAIT)
             except MirrorError:
                 pass  # the close may also come first: then the dial fails, which is right too
-            wait_until(lambda: status(link).state is LinkState.DISCONNECTED, what="the loss")
-            error = status(link).last_error
+            wait_until(lambda: link_status(link).state is LinkState.DISCONNECTED, what="the loss")
+            error = link_status(link).last_error
         finally:
             link.stop()
     assert isinstance(error, SourceShutdown)
@@ -355,8 +311,8 @@ def test_a_dial_that_cannot_start_fails_and_the_next_runs_on_a_new_loop(
         quic_loop.stop()  # gone under the link
         with pytest.raises(TransportError, match="could not start a dial"):
             link.ask(Connect(), timeout=WAIT)
-        assert status(link).state is LinkState.DISCONNECTED
-        assert link.ask(Connect(), timeout=WAIT).accepted
+        assert link_status(link).state is LinkState.DISCONNECTED
+        assert connect(link, timeout=WAIT).accepted
         assert QuicLoop.acquire() is not quic_loop, "a new loop thread replaced the dead one"
         QuicLoop.release()
     finally:
@@ -371,15 +327,15 @@ def test_a_supervised_link_whose_loop_died_comes_back_on_a_new_one(
     supervisor, escalations = supervise(config_for(pki, source.port), clock=clock)
     quic_loop = QuicLoop.acquire()
     try:
-        link = supervisor.ask(GetChild("link"))
-        wait_until(lambda: status(link).state is LinkState.CONNECTED)
+        link = child_ref(supervisor, "link")
+        wait_until(lambda: link_status(link).state is LinkState.CONNECTED)
         quic_loop.stop()
         link.tell(FailLink(TransportError("the test fails the link")))
         clock.advance_to_next()  # restart 1: the dial cannot start on the dead loop
-        wait_until(lambda: status(link).attempts == 2, what="the second dial")
-        failed = status(link)
+        wait_until(lambda: link_status(link).attempts == 2, what="the second dial")
+        failed = link_status(link)
         clock.advance_to_next()  # restart 2: on a new loop thread
-        wait_until(lambda: status(link).state is LinkState.CONNECTED, what="reconnected")
+        wait_until(lambda: link_status(link).state is LinkState.CONNECTED, what="reconnected")
         assert not escalations.events
     finally:
         supervisor.stop()
@@ -399,9 +355,9 @@ def test_a_silent_source_is_noticed_within_the_idle_timeout(
             link.ask(Connect())
             started = time.monotonic()
             proxy.block()
-            wait_until(lambda: status(link).state is LinkState.DISCONNECTED, timeout=3.0)
+            wait_until(lambda: link_status(link).state is LinkState.DISCONNECTED, timeout=3.0)
             elapsed = time.monotonic() - started
-            error = status(link).last_error
+            error = link_status(link).last_error
         finally:
             link.stop()
     assert isinstance(error, TransportError) and "silent" in str(error)
@@ -411,23 +367,22 @@ def test_a_silent_source_is_noticed_within_the_idle_timeout(
 def test_promote_disconnects_for_good(standalone: Any) -> None:
     standalone.ask(Connect())
     standalone.ask(Promote())
-    assert status(standalone).state is LinkState.CLOSED
+    assert link_status(standalone).state is LinkState.CLOSED
     with pytest.raises(MirrorPromoted) as raised:
         standalone.ask(Connect())
     assert raised.value.hard
 
 
 def test_connect_remembers_the_last_applied_lsn(pki: DevPki) -> None:
-    pair = pki.source(CLUSTER)
-    with RogueSource(str(pair.cert), str(pair.key), accept(CLUSTER)) as rogue:
-        link = SourceLink.start(config_for(pki, rogue.port))
+    with rogue(pki) as source:
+        link = SourceLink.start(config_for(pki, source.port))
         try:
             link.ask(Connect(last_applied_lsn=7))
             link.ask(Disconnect())
             link.ask(Connect())
         finally:
             link.stop()
-    hellos = [f for f in rogue.received if isinstance(f, Hello)]
+    hellos = [f for f in source.received if isinstance(f, Hello)]
     assert [h.last_applied_lsn for h in hellos] == [7, 7]
 
 
@@ -449,9 +404,8 @@ def test_cluster_id_mismatch_says_which_id_was_expected_and_which_answered(
 
 
 def test_an_accepting_ack_naming_another_cluster_is_refused(pki: DevPki) -> None:
-    pair = pki.source(CLUSTER)
-    with RogueSource(str(pair.cert), str(pair.key), accept("eu-west")) as rogue:
-        link = SourceLink.start(config_for(pki, rogue.port))
+    with rogue(pki, accept("eu-west")) as source:
+        link = SourceLink.start(config_for(pki, source.port))
         try:
             with pytest.raises(ClusterIdMismatch, match="names another cluster") as raised:
                 link.ask(Connect())
@@ -461,17 +415,14 @@ def test_an_accepting_ack_naming_another_cluster_is_refused(pki: DevPki) -> None
 
 
 def test_a_garbage_ack_is_malformed_and_transient(pki: DevPki) -> None:
-    pair = pki.source(CLUSTER)
-    with RogueSource(
-        str(pair.cert), str(pair.key), lambda hello: b"\x02\x00\x00\x00\x01\xc0"
-    ) as rogue:
-        link = SourceLink.start(config_for(pki, rogue.port))
+    with rogue(pki, lambda hello: b"\x02\x00\x00\x00\x01\xc0") as source:
+        link = SourceLink.start(config_for(pki, source.port))
         try:
             with pytest.raises(Exception, match="must be a map") as raised:
                 link.ask(Connect())
         finally:
             link.stop()
-    assert type(raised.value).__name__ == "MalformedFrame" and not raised.value.hard
+    assert type(raised.value) is MalformedFrame and not raised.value.hard
 
 
 @pytest.mark.parametrize(
@@ -488,7 +439,7 @@ def test_configuration_errors_are_hard_and_say_what_to_fix(
     source: SourceServer,
     tmp_path: Path,
     overrides: dict[str, Any],
-    error_type: type,
+    error_type: type[MirrorError],
     words: str,
 ) -> None:
     if overrides.get("ca_file") == "stranger":
@@ -515,7 +466,7 @@ def test_mutual_tls(pki: DevPki) -> None:
         good = SourceLink.start(with_cert)
         bad = SourceLink.start(config_for(pki, source.port))
         try:
-            assert good.ask(Connect()).accepted
+            assert connect(good).accepted
             with pytest.raises(TlsVerificationError, match="client_cert_file"):
                 bad.ask(Connect())
         finally:
@@ -529,8 +480,8 @@ def test_mutual_tls(pki: DevPki) -> None:
 def test_a_supervised_link_connects_by_itself(pki: DevPki, source: SourceServer) -> None:
     supervisor, escalations = supervise(config_for(pki, source.port))
     try:
-        link = supervisor.ask(GetChild("link"))
-        wait_until(lambda: status(link).state is LinkState.CONNECTED)
+        link = child_ref(supervisor, "link")
+        wait_until(lambda: link_status(link).state is LinkState.CONNECTED)
     finally:
         supervisor.stop()
     assert not escalations.events
@@ -546,14 +497,14 @@ def test_a_supervised_link_connects_by_itself(pki: DevPki, source: SourceServer)
     ],
 )
 def test_hard_errors_escalate_to_the_root_after_exactly_one_handshake(
-    pki: DevPki, source: SourceServer, overrides: dict[str, Any], root_cause: type
+    pki: DevPki, source: SourceServer, overrides: dict[str, Any], root_cause: type[MirrorError]
 ) -> None:
     clock = ManualClock()
     supervisor, escalations = supervise(config_for(pki, source.port, **overrides), clock=clock)
     try:
         assert escalations.arrived.wait(WAIT)
         clock.advance(3600)  # no retry is pending, however long we wait
-        (child,) = supervisor.ask(WhichChildren())
+        (child,) = children(supervisor)
     finally:
         supervisor.stop()
     (event,) = escalations.events
@@ -563,15 +514,14 @@ def test_hard_errors_escalate_to_the_root_after_exactly_one_handshake(
 
 
 def test_an_ack_naming_another_cluster_escalates_after_one_handshake(pki: DevPki) -> None:
-    pair = pki.source(CLUSTER)
-    with RogueSource(str(pair.cert), str(pair.key), accept("eu-west")) as rogue:
-        supervisor, escalations = supervise(config_for(pki, rogue.port), clock=ManualClock())
+    with rogue(pki, accept("eu-west")) as source:
+        supervisor, escalations = supervise(config_for(pki, source.port), clock=ManualClock())
         try:
             assert escalations.arrived.wait(WAIT)
         finally:
             supervisor.stop()
     assert isinstance(escalations.events[0].root_cause, ClusterIdMismatch)
-    assert len([f for f in rogue.received if isinstance(f, Hello)]) == 1
+    assert len([f for f in source.received if isinstance(f, Hello)]) == 1
 
 
 def test_a_restarting_source_is_reconnected_with_growing_gaps(pki: DevPki) -> None:
@@ -584,8 +534,8 @@ def test_a_restarting_source_is_reconnected_with_growing_gaps(pki: DevPki) -> No
     supervisor, escalations = supervise(config, clock=clock)
     gaps: list[list[float]] = []
     try:
-        link = supervisor.ask(GetChild("link"))
-        wait_until(lambda: status(link).state is LinkState.CONNECTED)
+        link = child_ref(supervisor, "link")
+        wait_until(lambda: link_status(link).state is LinkState.CONNECTED)
         for _ in range(3):
             server.stop()
             delays = []
@@ -594,15 +544,17 @@ def test_a_restarting_source_is_reconnected_with_growing_gaps(pki: DevPki) -> No
                 wait_until(lambda: bool(clock.pending()), what="a restart timer")
                 delay = clock.pending()[0] - clock.now()
                 delays.append(delay)
-                attempts = status(link).attempts
+                attempts = link_status(link).attempts
                 clock.advance(delay)
-                wait_until(lambda a=attempts: status(link).attempts > a, what="a new dial")
-                wait_until(lambda: status(link).state is LinkState.DISCONNECTED, what="dial failed")
+                wait_until(lambda a=attempts: link_status(link).attempts > a, what="a new dial")
+                wait_until(
+                    lambda: link_status(link).state is LinkState.DISCONNECTED, what="dial failed"
+                )
             gaps.append(delays)
             server = source_server(pki, store=store, port=port).start()
             wait_until(lambda: bool(clock.pending()), what="a restart timer")
             clock.advance(clock.pending()[0] - clock.now())
-            wait_until(lambda: status(link).state is LinkState.CONNECTED, what="reconnected")
+            wait_until(lambda: link_status(link).state is LinkState.CONNECTED, what="reconnected")
             # Stay up long enough for the backoff to reset before the next outage.
             clock.advance(120)
     finally:
@@ -620,13 +572,13 @@ def test_a_disconnected_link_is_not_brought_back(pki: DevPki, source: SourceServ
     clock = ManualClock()
     supervisor, escalations = supervise(config_for(pki, source.port), clock=clock)
     try:
-        link = supervisor.ask(GetChild("link"))
-        wait_until(lambda: status(link).state is LinkState.CONNECTED)
+        link = child_ref(supervisor, "link")
+        wait_until(lambda: link_status(link).state is LinkState.CONNECTED)
         link.ask(Disconnect())
         assert not escalations.events
         clock.advance(3600)
-        (child,) = supervisor.ask(WhichChildren())
-        assert status(link).state is LinkState.DISCONNECTED and status(link).attempts == 1
+        (child,) = children(supervisor)
+        assert link_status(link).state is LinkState.DISCONNECTED and link_status(link).attempts == 1
         assert child.state is ChildState.RUNNING and child.restarts == 0
     finally:
         supervisor.stop()
@@ -635,22 +587,18 @@ def test_a_disconnected_link_is_not_brought_back(pki: DevPki, source: SourceServ
 # -- resources -----------------------------------------------------------------------------
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_connect_disconnect_cycles_leave_nothing_behind(pki: DevPki, source: SourceServer) -> None:
     link = SourceLink.start(config_for(pki, source.port))
     try:
         link.ask(Connect())
         link.ask(Disconnect())
-        threads, fds = threading.active_count(), _open_fds()
+        threads, fds = threading.active_count(), open_fds()
         for _ in range(200):
             link.ask(Connect())
             link.ask(Disconnect())
         wait_until(lambda: not source.connections(), what="the source to drop closed connections")
         assert threading.active_count() <= threads
-        assert _open_fds() <= fds + 2
+        assert open_fds() <= fds + 2
     finally:
         link.stop()
     assert QuicLoop.users() == 0
@@ -660,7 +608,7 @@ def test_closing_one_stream_while_the_source_sends_leaves_the_others(
     standalone: Any, source: SourceServer
 ) -> None:
     standalone.ask(Connect())
-    keep = standalone.ask(OpenStream())
+    keep = open_stream(standalone)
     keep.send(Subscribe(1))
     with standalone.ask(OpenStream()) as dropped:
         dropped.send(Subscribe(1))
@@ -673,7 +621,7 @@ def test_closing_one_stream_while_the_source_sends_leaves_the_others(
         frame = keep.recv(timeout=WAIT)
         assert isinstance(frame, Entries)
         seen.extend(frame.entries)
-    assert status(standalone).state is LinkState.CONNECTED
+    assert link_status(standalone).state is LinkState.CONNECTED
 
 
 def test_a_missing_ca_file_is_a_hard_error_naming_it(
@@ -707,9 +655,8 @@ def test_a_missing_client_certificate_file_is_a_hard_error_naming_it(
 
 
 def test_a_handshake_stream_finished_without_an_ack_fails_at_once(pki: DevPki) -> None:
-    pair = pki.source(CLUSTER)
-    with RogueSource(str(pair.cert), str(pair.key), lambda hello: b"") as rogue:
-        link = SourceLink.start(config_for(pki, rogue.port, handshake_timeout=5.0))
+    with rogue(pki, lambda hello: b"") as source:
+        link = SourceLink.start(config_for(pki, source.port, handshake_timeout=5.0))
         try:
             started = time.monotonic()
             with pytest.raises(Exception, match="without a HELLO_ACK"):

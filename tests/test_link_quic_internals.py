@@ -20,9 +20,9 @@ from aioquic.quic.connection import QuicConnection
 import mirror_actors.link as link_package
 from mirror_actors.link import quic_internals
 from mirror_actors.pki import DevPki
-from mirror_actors.wire.frames import ALPN
+from mirror_actors.wire import ALPN
+from tests.helpers import CLUSTER
 
-CLUSTER = "us-east"
 CLIENT_ADDRESS = ("127.0.0.1", 1234)
 SERVER_ADDRESS = ("127.0.0.1", 4433)
 

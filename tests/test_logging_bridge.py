@@ -16,7 +16,7 @@ from mirror_actors.logging_bridge import (
     install_logging_bridge,
     uninstall_logging_bridge,
 )
-from tests.test_link import wait_until
+from tests.helpers import wait_until
 
 
 class Sink:

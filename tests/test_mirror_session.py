@@ -18,8 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mirror_actors.link import MirrorSession
-from mirror_actors.link.config import LinkConfig
+from mirror_actors.link import LinkConfig, MirrorSession
 from mirror_actors.link.session import (
     Action,
     CloseConnection,
@@ -32,51 +31,41 @@ from mirror_actors.link.session import (
     StopStream,
     StreamFailed,
 )
-from mirror_actors.wire.errors import (
-    ClusterIdMismatch,
-    ErrorCode,
-    HistoryDiverged,
-    MalformedFrame,
-    MirrorError,
-    ObserverRoleViolation,
-    ProtocolVersionMismatch,
-    SourceOverloaded,
-    SourceShutdown,
-    TlsVerificationError,
-    TransportError,
-    UnknownDatabase,
-)
-from mirror_actors.wire.frames import (
-    HEADER,
+from mirror_actors.wire import (
     MAX_PAYLOAD,
     Ack,
+    ClusterIdMismatch,
     ConfChange,
     Entries,
     Entry,
     Error,
+    ErrorCode,
     Frame,
     FrameDecoder,
     FrameType,
     Hello,
     HelloAck,
+    HistoryDiverged,
+    MalformedFrame,
+    MirrorError,
+    ObserverRoleViolation,
     Propose,
+    ProtocolVersionMismatch,
     RequestVote,
     SnapshotChunk,
+    SourceOverloaded,
+    SourceShutdown,
     Subscribe,
+    TlsVerificationError,
+    TransportError,
+    UnknownDatabase,
     encode_frame,
 )
+from mirror_actors.wire.frames import HEADER
+from tests.helpers import CLUSTER, DATABASE, encode_frames, entries
 
-CLUSTER = "us-east"
-CONFIG = LinkConfig(CLUSTER, "orders", ca_file="unused-ca.pem")
+CONFIG = LinkConfig(CLUSTER, DATABASE, ca_file="unused-ca.pem")
 STREAM = 4
-
-
-def entries(first: int, count: int) -> Entries:
-    return Entries([Entry(first + i, 1, b"r%d" % (first + i)) for i in range(count)])
-
-
-def encode(*items: Frame | bytes) -> bytes:
-    return b"".join(i if isinstance(i, bytes) else encode_frame(i) for i in items)
 
 
 class Source:
@@ -90,7 +79,7 @@ class Source:
         return self._keep(self.session.stream_data(stream_id, data, end))
 
     def send(self, stream_id: int, *frames: Frame | bytes, end: bool = False) -> list[Action]:
-        return self.raw(stream_id, encode(*frames), end)
+        return self.raw(stream_id, encode_frames(*frames), end)
 
     def ack(self, ack: HelloAck | None = None) -> list[Action]:
         # Sources answer with the ack and finish stream 0 in one go.
@@ -617,7 +606,7 @@ def test_frames_split_anywhere_are_delivered_whole_and_in_order(
         frames.append(entries(lsn, count))
         lsn += count
     source = established()
-    stream_bytes = encode(*frames)
+    stream_bytes = encode_frames(*frames)
     position = 0
     for cut in cuts:
         source.raw(STREAM, stream_bytes[position : position + cut])

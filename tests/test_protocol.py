@@ -16,10 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.wire.errors import MalformedFrame
-from mirror_actors.wire.frames import (
-    HANDSHAKE_MAX_PAYLOAD,
-    HEADER_SIZE,
+from mirror_actors.wire import (
     MAX_PAYLOAD,
     NO_SNAPSHOT,
     PROTOCOL_VERSION,
@@ -34,17 +31,22 @@ from mirror_actors.wire.frames import (
     FrameType,
     Hello,
     HelloAck,
+    MalformedFrame,
     Propose,
     RequestVote,
     SnapshotChunk,
     Subscribe,
     decode_payload,
     encode_frame,
+)
+from mirror_actors.wire.frames import (
+    HANDSHAKE_MAX_PAYLOAD,
+    HEADER_SIZE,
     encode_payload,
     max_payload,
 )
+from tests.helpers import U64_MAX
 
-U64_MAX = 2**64 - 1
 KNOWN_TYPES = sorted(int(t) for t in FrameType)
 UNKNOWN_TYPES = [t for t in range(256) if t not in KNOWN_TYPES]
 SMALL_TYPES = [FrameType.HELLO, FrameType.HELLO_ACK, FrameType.ERROR]
@@ -369,7 +371,7 @@ VALID_PAYLOADS: dict[int, dict[str, Any]] = {
     0x13: Ack(3, 44).to_payload(),
     0x7F: Error(5, "bad").to_payload(),
 }
-FIELD_FRAMES = [Hello, HelloAck, Subscribe, SnapshotChunk, Ack, Error]
+FIELD_FRAMES: list[type[Any]] = [Hello, HelloAck, Subscribe, SnapshotChunk, Ack, Error]
 FIELD_CASES = [(cls.TYPE, name, kind) for cls in FIELD_FRAMES for name, kind in cls.FIELDS]
 
 

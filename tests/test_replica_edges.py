@@ -8,87 +8,42 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from loguru import logger
 
-from mirror_actors.link.actor import link_strategy
-from mirror_actors.link.config import LinkConfig
 from mirror_actors.pki import DevPki
-from mirror_actors.replica.actor import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from mirror_actors.replica.cursor import ApplyEntries
-from mirror_actors.replica.spool import StoreUnusable
-from mirror_actors.replica.stores import (
+from mirror_actors.replica import (
+    ApplyEntries,
+    MirrorDatabase,
     SqliteReplicaStore,
+    StoreUnusable,
     entries_digest,
     read_replica_file,
 )
-from mirror_actors.source.log import SourceStore
-from mirror_actors.source.server import SourceServer
-from mirror_actors.wire.errors import HistoryDiverged, SnapshotTooLarge
-from mirror_actors.wire.frames import Entries, Entry, HelloAck, encode_frame
-from supervisors import EscalationEvent
-from tests.rogue_source import RogueSource, SnapshotFloodSource
-
-CLUSTER = "us-east"
-LINK = "us-east/orders"
-WAIT = 20.0
-
-
-def wait_until(predicate: Any, timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.01)
-
-
-def config(pki: DevPki, port: int, **overrides: Any) -> LinkConfig:
-    return LinkConfig(
-        CLUSTER, "orders", ca_file=str(pki.ca.cert), port=port, handshake_timeout=2.0, **overrides
-    )
-
-
-def status(replica: Any) -> ReplicaStatus:
-    return cast(ReplicaStatus, replica.ask(GetReplicaStatus()))
-
-
-def fast_strategy() -> Any:
-    return link_strategy(base=0.05, max_delay=0.2)
-
-
-def resident_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-class Escalations:
-    def __init__(self) -> None:
-        self.events: list[EscalationEvent] = []
-        self.arrived = threading.Event()
-
-    def __call__(self, event: EscalationEvent) -> None:
-        self.events.append(event)
-        self.arrived.set()
-
-    def wait(self, timeout: float = WAIT) -> BaseException:
-        assert self.arrived.wait(timeout), "no escalation"
-        return self.events[0].root_cause
-
-
-def server(pki: DevPki, store: SourceStore, port: int = 0) -> SourceServer:
-    pair = pki.source(CLUSTER)
-    return SourceServer(
-        CLUSTER, ("orders",), certfile=str(pair.cert), keyfile=str(pair.key), store=store, port=port
-    ).start()
-
+from mirror_actors.source import SourceServer, SourceStore
+from mirror_actors.wire import (
+    Entries,
+    Entry,
+    HistoryDiverged,
+    SnapshotTooLarge,
+    encode_frame,
+)
+from tests.helpers import (
+    CLUSTER,
+    LINK,
+    SLOW_WAIT,
+    Escalations,
+    config_for,
+    fast_strategy,
+    replica_status,
+    resident_bytes,
+    source_server,
+    wait_until,
+)
+from tests.rogue_source import SnapshotFloodSource, rogue
 
 # -- bounded memory ----------------------------------------------------------------
 
@@ -121,7 +76,7 @@ def test_a_ten_gigabyte_snapshot_announcement_spools_to_disk_with_flat_memory(
     try:
         assert flood.stdout is not None
         port = int(flood.stdout.readline())
-        replica = MirrorDatabase.start(config(pki, port), SqliteReplicaStore(path, LINK))
+        replica = MirrorDatabase.start(config_for(pki, port), SqliteReplicaStore(path, LINK))
         try:
             wait_until(lambda: spool.exists() and spool.stat().st_size > 0, what="the first chunk")
             baseline = peak = resident_bytes()
@@ -130,7 +85,7 @@ def test_a_ten_gigabyte_snapshot_announcement_spools_to_disk_with_flat_memory(
                 assert time.monotonic() < deadline, f"spooled only {spool.stat().st_size} bytes"
                 peak = max(peak, resident_bytes())
                 time.sleep(0.05)
-            current = status(replica)
+            current = replica_status(replica)
         finally:
             replica.stop()
     finally:
@@ -152,13 +107,13 @@ def test_a_snapshot_over_max_snapshot_bytes_escalates_at_its_first_chunk(
     escalations = Escalations()
     with flood:
         replica = MirrorDatabase.start(
-            config(pki, flood.port, max_snapshot_bytes=1 << 30),
+            config_for(pki, flood.port, max_snapshot_bytes=1 << 30),
             SqliteReplicaStore(tmp_path / "replica.db", LINK),
             on_escalation=escalations,
         )
         try:
             cause = escalations.wait()
-            assert status(replica).state == "escalated"
+            assert replica_status(replica).state == "escalated"
         finally:
             replica.stop()
     assert isinstance(cause, SnapshotTooLarge) and cause.hard
@@ -177,29 +132,19 @@ db.execute("ROLLBACK")
 """
 
 
-@pytest.fixture
-def source_store() -> SourceStore:
-    return SourceStore(["orders"])
-
-
-@pytest.fixture
-def source(pki: DevPki, source_store: SourceStore) -> Iterator[SourceServer]:
-    running = server(pki, source_store)
-    yield running
-    running.stop()
-
-
 def test_a_store_locked_by_another_process_is_retried_and_the_replica_recovers_exactly(
-    pki: DevPki, source_store: SourceStore, source: SourceServer, tmp_path: Path
+    pki: DevPki,
+    source_store: SourceStore,
+    source: SourceServer,
+    tmp_path: Path,
+    warning_logs: list[str],
 ) -> None:
     path = tmp_path / "replica.db"
     log = source_store["orders"]
     for i in range(50):
         log.append(b"before %d" % i)
-    messages: list[str] = []
-    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
     replica = MirrorDatabase.start(
-        config(pki, source.port),
+        config_for(pki, source.port),
         SqliteReplicaStore(path, LINK, busy_timeout=0.2),
         strategy=fast_strategy(),
     )
@@ -210,27 +155,30 @@ def test_a_store_locked_by_another_process_is_retried_and_the_replica_recovers_e
         text=True,
     )
     try:
-        wait_until(lambda: status(replica).applied_lsn == 50, what="catch-up")
+        wait_until(lambda: replica_status(replica).applied_lsn == 50, what="catch-up")
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         for i in range(50):
             log.append(b"while locked %d" % i)
-        wait_until(lambda: status(replica).supervision.restarts >= 2, what="retries while locked")
-        assert status(replica).applied_lsn == 50, "nothing committed while the file is locked"
+        wait_until(
+            lambda: replica_status(replica).supervision.restarts >= 2, what="retries while locked"
+        )
+        assert replica_status(replica).applied_lsn == 50, (
+            "nothing committed while the file is locked"
+        )
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(10)
-        wait_until(lambda: status(replica).applied_lsn == 100, what="recovery")
-        assert status(replica).state == "connected"
+        wait_until(lambda: replica_status(replica).applied_lsn == 100, what="recovery")
+        assert replica_status(replica).state == "connected"
     finally:
         holder.kill()
         holder.wait()
         replica.stop()
-        logger.remove(sink)
     applied, entries = read_replica_file(path)
     assert applied == 100
     assert [e.lsn for e in entries] == list(range(1, 101))
     assert entries_digest(entries) == entries_digest(log.entries())
-    assert any("database is locked" in message for message in messages), "the failure is logged"
+    assert any("database is locked" in message for message in warning_logs), "the failure is logged"
 
 
 def test_a_store_whose_schema_changes_under_a_running_replica_escalates(
@@ -240,17 +188,17 @@ def test_a_store_whose_schema_changes_under_a_running_replica_escalates(
     source_store["orders"].append(b"one")
     escalations = Escalations()
     replica = MirrorDatabase.start(
-        config(pki, source.port), SqliteReplicaStore(path, LINK), on_escalation=escalations
+        config_for(pki, source.port), SqliteReplicaStore(path, LINK), on_escalation=escalations
     )
     try:
-        wait_until(lambda: status(replica).applied_lsn == 1)
+        wait_until(lambda: replica_status(replica).applied_lsn == 1)
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("DROP TABLE entries")
         other.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, body TEXT)")
         other.close()
         source_store["orders"].append(b"two")
         cause = escalations.wait()
-        assert status(replica).state == "escalated"
+        assert replica_status(replica).state == "escalated"
     finally:
         replica.stop()
     assert isinstance(cause, StoreUnusable) and cause.hard
@@ -275,10 +223,10 @@ def test_the_largest_term_and_a_high_lsn_round_trip_through_a_sqlite_replica(
     log.append(b"low", term=1)
     log.append(b"top", term=2**63)
     log.append(b"max", term=2**64 - 1)
-    replica = MirrorDatabase.start(config(pki, source.port), SqliteReplicaStore(path, LINK))
+    replica = MirrorDatabase.start(config_for(pki, source.port), SqliteReplicaStore(path, LINK))
     try:
-        wait_until(lambda: status(replica).applied_lsn == 3)
-        assert status(replica).state == "connected"
+        wait_until(lambda: replica_status(replica).applied_lsn == 3)
+        assert replica_status(replica).state == "connected"
     finally:
         replica.stop()
     _, entries = read_replica_file(path)
@@ -301,18 +249,12 @@ def test_a_source_that_does_not_check_history_is_caught_by_the_mirror(
     seeded = SqliteReplicaStore(path, LINK)
     seeded.commit([ApplyEntries(tuple(Entry(lsn, 5, b"old") for lsn in range(1, 4)))])
     seeded.close()
-    pair = pki.source(CLUSTER)
     later = encode_frame(Entries([Entry(4, 3, b"new")]))
-    rogue = RogueSource(
-        str(pair.cert),
-        str(pair.key),
-        lambda hello: encode_frame(HelloAck.accept(CLUSTER)),
-        lambda subscribe: later,
-    )
+    source = rogue(pki, on_subscribe=lambda subscribe: later)
     escalations = Escalations()
-    with rogue:
+    with source:
         replica = MirrorDatabase.start(
-            config(pki, rogue.port), SqliteReplicaStore(path, LINK), on_escalation=escalations
+            config_for(pki, source.port), SqliteReplicaStore(path, LINK), on_escalation=escalations
         )
         try:
             cause = escalations.wait()
@@ -321,25 +263,21 @@ def test_a_source_that_does_not_check_history_is_caught_by_the_mirror(
     assert isinstance(cause, HistoryDiverged) and cause.hard
     assert cause.lsn == 3 and cause.mirror_term == 5
     assert read_replica_file(path)[0] == 3, "the replica is left as it was"
-    hellos = [frame for frame in rogue.received if type(frame).__name__ == "Hello"]
+    hellos = [frame for frame in source.received if type(frame).__name__ == "Hello"]
     assert hellos and hellos[0].last_applied_lsn == 3 and hellos[0].last_applied_term == 5
 
 
 def test_a_standalone_link_sends_the_position_it_was_given(pki: DevPki) -> None:
-    from mirror_actors.link.actor import Connect, Disconnect, SourceLink
+    from mirror_actors.link import Connect, Disconnect, SourceLink
 
-    pair = pki.source(CLUSTER)
-    rogue = RogueSource(
-        str(pair.cert), str(pair.key), lambda hello: encode_frame(HelloAck.accept(CLUSTER))
-    )
-    with rogue:
-        link = SourceLink.start(config(pki, rogue.port))
+    with rogue(pki) as source:
+        link = SourceLink.start(config_for(pki, source.port))
         try:
-            link.ask(Connect(last_applied_lsn=7, last_applied_term=3), timeout=WAIT)
+            link.ask(Connect(last_applied_lsn=7, last_applied_term=3), timeout=SLOW_WAIT)
             link.ask(Disconnect())
         finally:
             link.stop()
-    hello = next(frame for frame in rogue.received if type(frame).__name__ == "Hello")
+    hello = next(frame for frame in source.received if type(frame).__name__ == "Hello")
     assert (hello.last_applied_lsn, hello.last_applied_term) == (7, 3)
 
 
@@ -352,10 +290,10 @@ def _replicate_an_old_history(pki: DevPki, path: Path) -> int:
     """A replica at ``path`` of 100 entries of term 1, from a source now stopped; its port."""
     old = SourceStore(["orders"])
     _fill(old["orders"], 100, 1, b"old")
-    running = server(pki, old)
-    first = MirrorDatabase.start(config(pki, running.port), SqliteReplicaStore(path, LINK))
+    running = source_server(pki, store=old).start()
+    first = MirrorDatabase.start(config_for(pki, running.port), SqliteReplicaStore(path, LINK))
     try:
-        wait_until(lambda: status(first).applied_lsn == 100)
+        wait_until(lambda: replica_status(first).applied_lsn == 100)
     finally:
         first.stop()
         running.stop()
@@ -375,14 +313,14 @@ def test_a_source_with_another_history_escalates_and_the_replica_is_kept(
     before = read_replica_file(path)
     new = SourceStore(["orders"])
     _fill(new["orders"], new_count, new_term, b"new")
-    running = server(pki, new, port)
+    running = source_server(pki, store=new, port=port).start()
     escalations = Escalations()
     replica = MirrorDatabase.start(
-        config(pki, port), SqliteReplicaStore(path, LINK), on_escalation=escalations
+        config_for(pki, port), SqliteReplicaStore(path, LINK), on_escalation=escalations
     )
     try:
         cause = escalations.wait()
-        current = status(replica)
+        current = replica_status(replica)
         _fill(new["orders"], 10, new_term, b"more")
     finally:
         replica.stop()
@@ -405,20 +343,20 @@ def test_resync_replaces_the_replica_with_the_new_history(
     _fill(new["orders"], new_count, new_term, b"new")
     if compacted:
         new["orders"].compact(new_count // 2)
-    running = server(pki, new, port)
+    running = source_server(pki, store=new, port=port).start()
     escalations = Escalations()
     replica = MirrorDatabase.start(
-        config(pki, port),
+        config_for(pki, port),
         SqliteReplicaStore(path, LINK),
         on_escalation=escalations,
         on_divergence="resync",
         strategy=fast_strategy(),
     )
     try:
-        wait_until(lambda: status(replica).applied_lsn == new_count, what="resync")
+        wait_until(lambda: replica_status(replica).applied_lsn == new_count, what="resync")
         _fill(new["orders"], 10, new_term, b"more")
-        wait_until(lambda: status(replica).applied_lsn == new_count + 10, what="tailing")
-        current = status(replica)
+        wait_until(lambda: replica_status(replica).applied_lsn == new_count + 10, what="tailing")
+        current = replica_status(replica)
     finally:
         replica.stop()
         running.stop()

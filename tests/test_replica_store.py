@@ -23,41 +23,37 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.replica import spool as snapshot_spool
-from mirror_actors.replica.cursor import (
+from mirror_actors.replica import (
     ApplyEntries,
     Commit,
+    FileSpool,
     InstallSnapshot,
+    MemoryReplicaStore,
+    MemorySpool,
+    ReplicaStore,
     ReplicationCursor,
     ResetReplica,
-)
-from mirror_actors.replica.spool import (
-    FileSpool,
-    MemorySpool,
     SnapshotSpool,
-    StoreFailure,
-    StoreUnusable,
-)
-from mirror_actors.replica.stores import (
-    MemoryReplicaStore,
-    ReplicaStore,
     SqliteReplicaStore,
+    StoreFailure,
     StoreMismatch,
+    StoreUnusable,
     entries_digest,
-    from_sqlite,
     read_replica_file,
-    to_sqlite,
 )
-from mirror_actors.wire.errors import MalformedFrame, MirrorError
-from mirror_actors.wire.frames import Entry, SnapshotChunk
-from mirror_actors.wire.snapshot import crc32c, encode_snapshot
+from mirror_actors.replica import spool as snapshot_spool
+from mirror_actors.replica.stores import from_sqlite, to_sqlite
+from mirror_actors.wire import (
+    Entry,
+    MalformedFrame,
+    MirrorError,
+    SnapshotChunk,
+    crc32c,
+    encode_snapshot,
+)
+from tests.helpers import LINK, U64_MAX, MiB, entry
 
-SOURCE = "us-east/orders"
 OTHER = "eu-west/orders"
-
-
-def entry(lsn: int, term: int = 1, tag: str = "") -> Entry:
-    return Entry(lsn, term, f"entry-{lsn}{tag}".encode())
 
 
 def apply(first: int, last: int, term: int = 1, tag: str = "") -> ApplyEntries:
@@ -114,7 +110,7 @@ def open_store(kind: str, tmp_path: Path) -> Iterator[StoreFactory]:
 
     def factory() -> ReplicaStore:
         store: ReplicaStore = (
-            memory if kind == "memory" else SqliteReplicaStore(tmp_path / "replica.db", SOURCE)
+            memory if kind == "memory" else SqliteReplicaStore(tmp_path / "replica.db", LINK)
         )
         opened.append(store)
         return store
@@ -185,7 +181,7 @@ def test_memory_store_remembers_the_snapshot_lsn() -> None:
 
 
 def test_sqlite_store_records_the_snapshot_lsn_but_not_its_bytes_twice(tmp_path: Path) -> None:
-    store = SqliteReplicaStore(tmp_path / "r.db", SOURCE)
+    store = SqliteReplicaStore(tmp_path / "r.db", LINK)
     try:
         store.commit([snapshot(3), snapshot(6)])
     finally:
@@ -250,7 +246,7 @@ def test_a_failed_snapshot_install_keeps_the_old_entries(
 
 def test_sqlite_failed_snapshot_install_keeps_the_old_entries(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         store.commit([apply(1, 3)])
         blob = encode_snapshot(snapshot_entries(5))
@@ -261,7 +257,7 @@ def test_sqlite_failed_snapshot_install_keeps_the_old_entries(tmp_path: Path) ->
         assert lsns(store) == [1, 2, 3]
     finally:
         store.close()
-    reopened = SqliteReplicaStore(path, SOURCE)
+    reopened = SqliteReplicaStore(path, LINK)
     try:
         assert reopened.last_applied_lsn() == 3
         assert lsns(reopened) == [1, 2, 3]
@@ -274,12 +270,12 @@ def test_sqlite_failed_snapshot_install_keeps_the_old_entries(tmp_path: Path) ->
 
 def test_sqlite_reopen_resumes_where_it_left(tmp_path: Path) -> None:
     path = tmp_path / "replica.db"
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     store.commit([snapshot(4), apply(5, 7)])
     before = store.entries()
     store.close()
 
-    store = SqliteReplicaStore(str(path), SOURCE)
+    store = SqliteReplicaStore(str(path), LINK)
     try:
         assert store.path == str(path)
         assert store.last_applied_lsn() == 7
@@ -287,7 +283,7 @@ def test_sqlite_reopen_resumes_where_it_left(tmp_path: Path) -> None:
         store.commit([apply(8, 8)])
     finally:
         store.close()
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         assert store.last_applied_lsn() == 8
         assert lsns(store) == list(range(1, 9))
@@ -297,7 +293,7 @@ def test_sqlite_reopen_resumes_where_it_left(tmp_path: Path) -> None:
 
 def test_sqlite_reopened_for_another_source_is_a_hard_mismatch(tmp_path: Path) -> None:
     path = tmp_path / "replica.db"
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     store.commit([apply(1, 2)])
     store.close()
     with open(path, "rb") as file:
@@ -306,13 +302,13 @@ def test_sqlite_reopened_for_another_source_is_a_hard_mismatch(tmp_path: Path) -
         SqliteReplicaStore(path, OTHER)
     message = str(raised.value)
     assert str(path) in message
-    assert SOURCE in message and OTHER in message
+    assert LINK in message and OTHER in message
     assert raised.value.hard is True
     assert isinstance(raised.value, StoreUnusable)
     with open(path, "rb") as file:
         assert hashlib.sha256(file.read()).hexdigest() == before
     # The file is untouched and still opens for its own source.
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         assert store.last_applied_lsn() == 2
         assert lsns(store) == [1, 2]
@@ -321,14 +317,14 @@ def test_sqlite_reopened_for_another_source_is_a_hard_mismatch(tmp_path: Path) -
 
 
 def test_sqlite_mismatch_binds_on_first_open_even_when_empty(tmp_path: Path) -> None:
-    SqliteReplicaStore(tmp_path / "r.db", SOURCE).close()
+    SqliteReplicaStore(tmp_path / "r.db", LINK).close()
     with pytest.raises(StoreMismatch):
         SqliteReplicaStore(tmp_path / "r.db", OTHER)
 
 
 def test_sqlite_store_is_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "replica.db"
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         (mode,) = store._db.execute("PRAGMA journal_mode").fetchone()
         assert mode == "wal"
@@ -345,11 +341,11 @@ def test_sqlite_store_is_in_wal_mode(tmp_path: Path) -> None:
 
 def test_a_second_connection_reads_what_the_first_committed(tmp_path: Path) -> None:
     path = tmp_path / "replica.db"
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         store.commit([apply(1, 3)])
         # The way the runner reads beside a live replica: another store on the file.
-        beside = SqliteReplicaStore(path, SOURCE)
+        beside = SqliteReplicaStore(path, LINK)
         try:
             assert beside.last_applied_lsn() == 3
             assert beside.entries() == store.entries()
@@ -375,7 +371,6 @@ def test_a_second_connection_reads_what_the_first_committed(tmp_path: Path) -> N
 # --- u64 LSNs and terms ------------------------------------------------------------------
 
 I63 = 2**63
-U64_MAX = 2**64 - 1
 
 
 @pytest.mark.parametrize(
@@ -411,7 +406,7 @@ def _u64_run(first: int, count: int, term: int) -> ApplyEntries:
 def test_sqlite_u64_lsns_and_terms_round_trip(tmp_path: Path, first: int, term: int) -> None:
     path = tmp_path / "r.db"
     run = _u64_run(first, 4, term)  # up to first + 3: crosses 2^63 or ends at 2^64 - 1
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         store.commit([run])
         assert store.entries() == list(run.entries)
@@ -425,7 +420,7 @@ def test_sqlite_u64_lsns_and_terms_round_trip(tmp_path: Path, first: int, term: 
     raw.close()
     assert stored == sorted(to_sqlite(e.lsn) for e in run.entries)
     assert any(value < 0 for value in stored)  # kept as two's complement
-    reopened = SqliteReplicaStore(path, SOURCE)
+    reopened = SqliteReplicaStore(path, LINK)
     try:
         assert reopened.last_applied_lsn() == first + 3
         assert reopened.last_applied_term() == term
@@ -437,7 +432,7 @@ def test_sqlite_u64_lsns_and_terms_round_trip(tmp_path: Path, first: int, term: 
 def test_sqlite_entries_come_back_in_u64_order_across_2_63(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     lsns_in = [I63 + 1, 5, U64_MAX, I63 - 1, I63, 0, 2**32]
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         # The store does not check contiguity; it only has to keep u64 order.
         for lsn in lsns_in:
@@ -452,13 +447,13 @@ def test_sqlite_entries_come_back_in_u64_order_across_2_63(tmp_path: Path) -> No
 
 def test_sqlite_a_snapshot_commit_keeps_a_u64_term(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         store.commit([snapshot(3, term=U64_MAX), apply(4, 4, term=U64_MAX)])
         assert store.last_applied_term() == U64_MAX
     finally:
         store.close()
-    reopened = SqliteReplicaStore(path, SOURCE)
+    reopened = SqliteReplicaStore(path, LINK)
     try:
         assert (reopened.last_applied_lsn(), reopened.last_applied_term()) == (4, U64_MAX)
         assert {e.term for e in reopened.entries()} == {U64_MAX}
@@ -508,7 +503,7 @@ def test_sqlite_a_foreign_schema_is_unusable_and_left_alone(
     _make_db(path, *statements)
     before = _digest(path)
     with pytest.raises(StoreUnusable) as raised:
-        SqliteReplicaStore(path, SOURCE)
+        SqliteReplicaStore(path, LINK)
     error = raised.value
     assert error.hard is True and not isinstance(error, StoreMismatch)
     assert str(path) in str(error) and "another file" in str(error)
@@ -529,7 +524,7 @@ def test_sqlite_a_file_that_is_not_sqlite_is_unusable(tmp_path: Path, content: b
     path = tmp_path / "notes.db"
     path.write_bytes(content)
     with pytest.raises(StoreUnusable) as raised:
-        SqliteReplicaStore(path, SOURCE)
+        SqliteReplicaStore(path, LINK)
     assert raised.value.hard is True
     assert str(path) in str(raised.value)
     assert path.read_bytes() == content
@@ -538,7 +533,7 @@ def test_sqlite_a_file_that_is_not_sqlite_is_unusable(tmp_path: Path, content: b
 def test_sqlite_an_empty_file_is_a_new_replica(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     path.write_bytes(b"")
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         assert store.last_applied_lsn() == 0 and store.last_applied_term() == 0
         store.commit([apply(1, 1)])
@@ -564,7 +559,7 @@ def test_sqlite_a_store_locked_by_another_process_fails_transiently(
     tmp_path: Path, begin: str
 ) -> None:
     path = tmp_path / "r.db"
-    store = SqliteReplicaStore(path, SOURCE, busy_timeout=0.2)
+    store = SqliteReplicaStore(path, LINK, busy_timeout=0.2)
     try:
         store.commit([apply(1, 3)])
         before = read_replica_file(path)
@@ -622,7 +617,7 @@ def test_reset_and_new_entries_replace_everything_in_one_commit(
 
 def test_sqlite_a_reset_survives_reopen_and_drops_the_snapshot_row(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         store.commit([snapshot(6, term=3)])
         store.commit([ResetReplica(), apply(1, 1, term=1)])
@@ -631,7 +626,7 @@ def test_sqlite_a_reset_survives_reopen_and_drops_the_snapshot_row(tmp_path: Pat
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM snapshot").fetchone() == (0,)
     db.close()
-    reopened = SqliteReplicaStore(path, SOURCE)
+    reopened = SqliteReplicaStore(path, LINK)
     try:
         assert (reopened.last_applied_lsn(), reopened.last_applied_term()) == (1, 1)
         assert reopened.entries() == [entry(1)]
@@ -666,12 +661,10 @@ def test_a_reset_whose_commit_fails_leaves_the_old_content(
 
 # --- snapshots from a file spool --------------------------------------------------------------
 
-MiB = 1 << 20
-
 
 def test_a_few_mb_snapshot_streams_from_a_file_spool_into_sqlite(tmp_path: Path) -> None:
     path = tmp_path / "replica.db"
-    store = SqliteReplicaStore(path, SOURCE)
+    store = SqliteReplicaStore(path, LINK)
     try:
         spool = store.snapshot_spool()
         assert isinstance(spool, FileSpool)
@@ -864,7 +857,7 @@ def test_both_stores_agree_and_sqlite_survives_reopen(batches: list[list[Commit]
     memory = MemoryReplicaStore()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "r.db"
-        sqlite = SqliteReplicaStore(path, SOURCE)
+        sqlite = SqliteReplicaStore(path, LINK)
         try:
             for batch in batches:
                 memory.commit(batch)
@@ -873,7 +866,7 @@ def test_both_stores_agree_and_sqlite_survives_reopen(batches: list[list[Commit]
             assert sqlite.entries() == memory.entries()
         finally:
             sqlite.close()
-        reopened = SqliteReplicaStore(path, SOURCE)
+        reopened = SqliteReplicaStore(path, LINK)
         try:
             assert reopened.last_applied_lsn() == memory.last_applied_lsn()
             assert entries_digest(reopened.entries()) == entries_digest(memory.entries())

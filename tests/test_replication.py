@@ -20,46 +20,53 @@ import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.replica.cursor import (
+from mirror_actors.replica import (
     ApplyEntries,
     Commit,
+    FileSpool,
     InstallSnapshot,
+    MemoryReplicaStore,
+    MemorySpool,
     ReplicationCursor,
     ReplicationError,
     ResetReplica,
-    SnapshotAssembly,
+    SnapshotSpool,
+    entries_digest,
 )
-from mirror_actors.replica.spool import FileSpool, MemorySpool, SnapshotSpool
-from mirror_actors.replica.stores import MemoryReplicaStore, entries_digest
-from mirror_actors.source.log import DatabaseLog, SourceStore
-from mirror_actors.source.session import SendData, SourceSession, SourceSettings
-from mirror_actors.wire.errors import ErrorCode, HistoryDiverged, MalformedFrame, SnapshotTooLarge
-from mirror_actors.wire.frames import (
+from mirror_actors.replica.cursor import SnapshotAssembly
+from mirror_actors.source import DatabaseLog, SourceSession, SourceSettings, SourceStore
+from mirror_actors.source.session import SendData
+from mirror_actors.wire import (
     Ack,
     Entries,
     Entry,
+    ErrorCode,
     Frame,
     FrameDecoder,
     Hello,
     HelloAck,
+    HistoryDiverged,
+    MalformedFrame,
     SnapshotChunk,
-    Subscribe,
-    encode_frame,
-)
-from mirror_actors.wire.snapshot import (
     SnapshotDecoder,
+    SnapshotTooLarge,
+    Subscribe,
     crc32c,
+    encode_frame,
     encode_snapshot,
-    encode_snapshot_entry,
+)
+from mirror_actors.wire.snapshot import encode_snapshot_entry
+from tests.helpers import (
+    CLUSTER,
+    DATABASE,
+    U64_MAX,
+    MiB,
+    entry,
+    peak_resident_bytes,
+    resident_bytes,
 )
 
-CLUSTER = "us-east"
-DB = "orders"
 STREAM = 4
-
-
-def entry(lsn: int, term: int = 1) -> Entry:
-    return Entry(lsn, term, f"entry-{lsn}".encode())
 
 
 def entries(first: int, last: int, term: int = 1) -> Entries:
@@ -80,7 +87,7 @@ def cursor(
 ) -> ReplicationCursor:
     return ReplicationCursor(
         CLUSTER,
-        DB,
+        DATABASE,
         applied,
         term,
         spool=spool if spool is not None else MemorySpool(),
@@ -94,7 +101,7 @@ def chunks_of(
     size: int,
     *,
     cluster: str = CLUSTER,
-    database: str = DB,
+    database: str = DATABASE,
     crc: int | None = None,
     total: int | None = None,
 ) -> list[SnapshotChunk]:
@@ -414,14 +421,14 @@ def test_chunk_naming_other_ids(change: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cluster", "database"), [("eu-west", DB), (CLUSTER, "users"), ("eu-west", "users")]
+    ("cluster", "database"), [("eu-west", DATABASE), (CLUSTER, "users"), ("eu-west", "users")]
 )
 def test_snapshot_of_another_cluster_or_database(cluster: str, database: str) -> None:
     (chunk,) = snapshot_chunks(4, size=10_000, cluster=cluster, database=database)
     with pytest.raises(ReplicationError) as raised:
         cursor().accept(chunk)
     assert f"snapshot of {cluster}/{database}" in str(raised.value)
-    assert f"stream of {CLUSTER}/{DB}" in str(raised.value)
+    assert f"stream of {CLUSTER}/{DATABASE}" in str(raised.value)
 
 
 def test_snapshot_older_than_applied() -> None:
@@ -905,7 +912,7 @@ def test_snapshot_reassembles_under_any_chunking(count: int, sizes: list[int]) -
         data = blob[offset : offset + size]
         done = offset + len(data) == len(blob)
         chunks.append(
-            SnapshotChunk(CLUSTER, DB, count, len(blob), crc32c(blob), offset, data, done)
+            SnapshotChunk(CLUSTER, DATABASE, count, len(blob), crc32c(blob), offset, data, done)
         )
         offset += len(data)
     spool = RecordingSpool()
@@ -917,7 +924,34 @@ def test_snapshot_reassembles_under_any_chunking(count: int, sizes: list[int]) -
     assert spool.begun == [len(blob)] and spool.held == blob
 
 
-class _Mirror:
+class _Applier:
+    """What ``MirrorDatabase`` does with each frame, sans actors: accept, keep, commit in order."""
+
+    store: MemoryReplicaStore
+    cursor: ReplicationCursor
+    pending: list[Commit]
+
+    def accept(self, frame: Frame) -> None:
+        if (
+            isinstance(frame, SnapshotChunk)
+            and frame.offset == 0
+            and any(isinstance(c, InstallSnapshot) for c in self.pending)
+        ):
+            # The cursor's contract: an install reads its spool, so it is
+            # committed before the next transfer begins (and reuses the spool).
+            self.commit()
+        commit = self.cursor.accept(frame)
+        if commit is not None:
+            self.pending.append(commit)
+
+    def commit(self) -> None:
+        self.store.commit(self.pending)
+        for done in self.pending:
+            self.cursor.committed(done)
+        self.pending.clear()
+
+
+class _Mirror(_Applier):
     """A mirror reading one subscription off a real ``SourceSession``, sans I/O."""
 
     def __init__(self, session: SourceSession, cursor: ReplicationCursor) -> None:
@@ -946,23 +980,7 @@ class _Mirror:
         for frame in self.decoder.feed(data):
             self.frames.append(frame)
             self.unacked += len(encode_frame(frame)) - 5
-            if (
-                isinstance(frame, SnapshotChunk)
-                and frame.offset == 0
-                and any(isinstance(c, InstallSnapshot) for c in self.pending)
-            ):
-                # The cursor's contract: an install reads its spool, so it is
-                # committed before the next transfer begins (and reuses the spool).
-                self.commit()
-            commit = self.cursor.accept(frame)
-            if commit is not None:
-                self.pending.append(commit)
-
-    def commit(self) -> None:
-        self.store.commit(self.pending)
-        for commit in self.pending:
-            self.cursor.committed(commit)
-        self.pending.clear()
+            self.accept(frame)
 
     def ack(self) -> None:
         ack = Ack(self.cursor.applied_lsn, self.unacked)
@@ -1022,8 +1040,8 @@ def test_a_real_source_replicates_exactly_once_in_order(
     ops: list[tuple[str, float]],
     data: st.DataObject,
 ) -> None:
-    store = SourceStore([DB])
-    log = store[DB]
+    store = SourceStore([DATABASE])
+    log = store[DATABASE]
 
     def append(count: int) -> None:
         for _ in range(count):
@@ -1047,14 +1065,14 @@ def test_a_real_source_replicates_exactly_once_in_order(
     held_term = log.entries()[holds - 1].term if holds else 0
     # The cursor knows the held entry's term, so every snapshot and the first
     # entry after it are checked against it: a real source never diverges.
-    mirror = _Mirror(session, ReplicationCursor(CLUSTER, DB, holds, held_term))
+    mirror = _Mirror(session, ReplicationCursor(CLUSTER, DATABASE, holds, held_term))
     if holds:
         mirror.store.commit([ApplyEntries(tuple(log.entries()[:holds]))])
     assert mirror.store.last_applied_lsn() == holds
     assert mirror.store.last_applied_term() == held_term
 
     (handshake,) = session.stream_data(
-        0, encode_frame(Hello(CLUSTER, DB, holds, 1, held_term)), True
+        0, encode_frame(Hello(CLUSTER, DATABASE, holds, 1, held_term)), True
     )
     assert isinstance(handshake, SendData)
     (ack,) = FrameDecoder().feed(handshake.data)
@@ -1101,13 +1119,13 @@ def test_a_real_source_replicates_exactly_once_in_order(
 def test_one_corrupted_snapshot_byte_is_detected(
     count: int, chunk_size: int, where: tuple[int, int], flip: int
 ) -> None:
-    store = SourceStore([DB])
-    log = store[DB]
+    store = SourceStore([DATABASE])
+    log = store[DATABASE]
     for lsn in range(1, count + 1):
         log.append(f"payload-{lsn}".encode())
     log.compact(count)
     session = SourceSession(CLUSTER, store, SourceSettings(snapshot_chunk_size=chunk_size))
-    session.stream_data(0, encode_frame(Hello(CLUSTER, DB, 0, 1)), True)
+    session.stream_data(0, encode_frame(Hello(CLUSTER, DATABASE, 0, 1)), True)
     decoder = FrameDecoder()
     frames: list[Frame] = []
     for action in session.stream_data(STREAM, encode_frame(Subscribe(1)), False):
@@ -1133,8 +1151,6 @@ def test_one_corrupted_snapshot_byte_is_detected(
 
 
 # --- any valid stream, any term decrease --------------------------------------------------
-
-U64_MAX = 2**64 - 1
 
 
 @st.composite
@@ -1191,7 +1207,7 @@ def frames_of(log: list[Entry], segments: list[Segment], data: st.DataObject) ->
     return frames
 
 
-class _Replica:
+class _Replica(_Applier):
     """What ``MirrorDatabase`` does with deliveries, sans actors: accept, commit, repeat."""
 
     def __init__(self, holds: list[Entry]) -> None:
@@ -1205,26 +1221,12 @@ class _Replica:
     def deliver(self, frames: list[Frame], commit_now: bool) -> None:
         try:
             for frame in frames:
-                if (
-                    isinstance(frame, SnapshotChunk)
-                    and frame.offset == 0
-                    and any(isinstance(c, InstallSnapshot) for c in self.pending)
-                ):
-                    self.commit()
-                commit = self.cursor.accept(frame)
-                if commit is not None:
-                    self.pending.append(commit)
+                self.accept(frame)
         except (ReplicationError, HistoryDiverged):
             self.commit()  # what came before the bad frame is good
             raise
         if commit_now:
             self.commit()
-
-    def commit(self) -> None:
-        self.store.commit(self.pending)
-        for done in self.pending:
-            self.cursor.committed(done)
-        self.pending.clear()
 
 
 def run_stream(replica: _Replica, frames: list[Frame], data: st.DataObject) -> None:
@@ -1289,17 +1291,6 @@ def test_any_single_term_decrease_is_refused(log: list[Entry], data: st.DataObje
 
 # --- memory -------------------------------------------------------------------------------
 
-MiB = 1 << 20
-
-
-def _rss() -> int:
-    """Resident memory now, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
 
 def _reset_peak_rss() -> bool:
     """Reset VmHWM (Linux 4.0+); False where that is not allowed."""
@@ -1312,10 +1303,9 @@ def _reset_peak_rss() -> bool:
 
 
 def _peak_rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    peak = peak_resident_bytes()
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -1341,10 +1331,12 @@ def _big_chunks(total: int, crc: int, snapshot_lsn: int) -> Iterator[SnapshotChu
             data = bytes(pending[:BIG_CHUNK])
             del pending[:BIG_CHUNK]
             done = offset + len(data) == total
-            yield SnapshotChunk(CLUSTER, DB, snapshot_lsn, total, crc, offset, data, done)
+            yield SnapshotChunk(CLUSTER, DATABASE, snapshot_lsn, total, crc, offset, data, done)
             offset += len(data)
     if pending or offset < total:
-        yield SnapshotChunk(CLUSTER, DB, snapshot_lsn, total, crc, offset, bytes(pending), True)
+        yield SnapshotChunk(
+            CLUSTER, DATABASE, snapshot_lsn, total, crc, offset, bytes(pending), True
+        )
 
 
 @pytest.mark.timeout(60)
@@ -1364,7 +1356,7 @@ def test_a_300_mb_snapshot_streams_through_a_file_spool_in_bounded_memory(
     spool = FileSpool(tmp_path / "replica.db.snapshot-spool")
     cur = cursor(spool=spool)
     gc.collect()
-    baseline = _rss()
+    baseline = resident_bytes()
     peak_reset = _reset_peak_rss()
     high = baseline
     install: Commit | None = None
@@ -1373,7 +1365,7 @@ def test_a_300_mb_snapshot_streams_through_a_file_spool_in_bounded_memory(
         install = cur.accept(chunk)
         chunks += 1
         if chunks % 16 == 0:
-            high = max(high, _rss())
+            high = max(high, resident_bytes())
     assert isinstance(install, InstallSnapshot)
     assert (install.snapshot_lsn, install.total_bytes) == (snapshot_lsn, total)
     assert spool.path is not None and spool.path.stat().st_size == total
@@ -1384,9 +1376,9 @@ def test_a_300_mb_snapshot_streams_through_a_file_spool_in_bounded_memory(
         assert item.lsn == index
         count += 1
         if index % 256 == 0:
-            high = max(high, _rss())
+            high = max(high, resident_bytes())
     assert count == snapshot_lsn
-    high = max(high, _rss())
+    high = max(high, resident_bytes())
     if peak_reset:
         high = max(high, _peak_rss())
     grown = high - baseline

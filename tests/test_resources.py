@@ -22,33 +22,31 @@ import pykka
 import pytest
 
 from mirror_actors import Connect, Disconnect, SourceLink
-from mirror_actors.faults.proxy import UdpProxy
-from mirror_actors.link.actor import LinkDown, LinkUp
+from mirror_actors.faults import UdpProxy
+from mirror_actors.link import LinkDown, LinkState, LinkUp
 from mirror_actors.link.loop import QuicLoop
-from mirror_actors.link.state import LinkState
 from mirror_actors.pki import DevPki
-from mirror_actors.source.server import SourceServer
-from mirror_actors.wire.errors import ErrorCode
-from mirror_actors.wire.frames import HelloAck, encode_frame
-from supervisors import ChildSpec, ExponentialBackoff, Supervisor, WhichChildren
-from tests.rogue_source import RogueSource
-from tests.test_link import CLUSTER, config_for, source_server, status, wait_until
-
-MiB = 1 << 20
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
+from mirror_actors.source import SourceServer
+from mirror_actors.wire import ErrorCode, HelloAck, encode_frame
+from supervisors import ChildSpec, ExponentialBackoff, Supervisor
+from tests.helpers import (
+    CLUSTER,
+    MiB,
+    child_refs,
+    children,
+    config_for,
+    link_status,
+    open_fds,
+    resident_bytes,
+    source_server,
+    thread_names,
+    wait_until,
+)
+from tests.rogue_source import rogue
 
 # asyncio's default executor (getaddrinfo for each dial) keeps a bounded pool of
 # idle "asyncio_N" threads while the QUIC loop lives; it is not a per-dial leak.
 EXECUTOR_LIMIT = min(32, (os.cpu_count() or 1) + 4)
-
-
-def thread_names() -> list[str]:
-    """Threads other than the loop's executor pool, whose size is checked separately."""
-    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("asyncio_"))
 
 
 def executor_threads() -> int:
@@ -61,14 +59,13 @@ def settled_threads(timeout: float = 1.0) -> list[str]:
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and thread.name.startswith("asyncio_"):
             thread.join(max(0.0, deadline - time.monotonic()))
-    return sorted(t.name for t in threading.enumerate())
+    return thread_names()
 
 
 def rss() -> int:
     """Resident set size in bytes, after a full collection."""
     gc.collect()
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resident_bytes()
 
 
 def socket_fds() -> int:
@@ -133,12 +130,6 @@ def watcher() -> Iterator[tuple[pykka.ActorRef[Any], Events]]:
     ref.stop()
 
 
-@pytest.fixture
-def source(pki: DevPki) -> Iterator[SourceServer]:
-    with source_server(pki) as server:
-        yield server
-
-
 # -- cycles and restarts -------------------------------------------------------------------
 
 
@@ -153,7 +144,7 @@ def test_a_thousand_connect_disconnect_cycles_leave_nothing_behind(
             link.ask(Connect())
             link.ask(Disconnect())
         wait_until(lambda: not source.connections(), what="the source to drop warm-up connections")
-        threads, fds, memory = thread_names(), open_fds(), rss()
+        threads, fds, memory = thread_names(executor_pool=False), open_fds(), rss()
         started = time.monotonic()
         for _ in range(1000):
             link.ask(Connect())
@@ -163,10 +154,10 @@ def test_a_thousand_connect_disconnect_cycles_leave_nothing_behind(
         grown = rss() - memory
         print(
             f"\n1000 connect/disconnect cycles in {elapsed:.1f} s: threads "
-            f"{len(threads)}->{len(thread_names())}, fds {fds}->{open_fds()}, "
+            f"{len(threads)}->{len(thread_names(executor_pool=False))}, fds {fds}->{open_fds()}, "
             f"RSS {grown / MiB:+.1f} MiB"
         )
-        assert thread_names() == threads
+        assert thread_names(executor_pool=False) == threads
         assert executor_threads() <= EXECUTOR_LIMIT
         assert open_fds() <= fds
         assert grown < 4 * MiB, f"RSS grew by {grown / MiB:.1f} MiB over 1000 cycles"
@@ -175,21 +166,12 @@ def test_a_thousand_connect_disconnect_cycles_leave_nothing_behind(
     assert QuicLoop.users() == 0
 
 
-class ClosingSource(RogueSource):
-    """A source that answers every HELLO with SOURCE_SHUTDOWN: the link fails and restarts."""
-
-    def __init__(self, pki: DevPki) -> None:
-        pair = pki.source(CLUSTER)
-        reject = encode_frame(
-            HelloAck.reject(CLUSTER, ErrorCode.SOURCE_SHUTDOWN, "going away again")
-        )
-        super().__init__(str(pair.cert), str(pair.key), lambda hello: reject)
-
-
 def test_a_thousand_supervised_restarts_leave_nothing_behind(pki: DevPki) -> None:
     fast = ExponentialBackoff(base=0.001, max_delay=0.001, jitter=0, random=random.Random(0))
-    with ClosingSource(pki) as rogue:
-        config = config_for(pki, rogue.port)
+    # Every HELLO is answered with SOURCE_SHUTDOWN: the link fails and restarts.
+    reject = encode_frame(HelloAck.reject(CLUSTER, ErrorCode.SOURCE_SHUTDOWN, "going away again"))
+    with rogue(pki, lambda hello: reject) as source:
+        config = config_for(pki, source.port)
         supervisor = Supervisor.start(
             strategy=fast,
             children=[ChildSpec("link", lambda parent: SourceLink.start(config, parent=parent))],
@@ -197,26 +179,26 @@ def test_a_thousand_supervised_restarts_leave_nothing_behind(pki: DevPki) -> Non
         try:
 
             def restarts() -> int:
-                (child,) = supervisor.ask(WhichChildren())
+                (child,) = children(supervisor)
                 count: int = child.restarts
                 return count
 
             wait_until(lambda: restarts() >= 300, timeout=30, what="300 warm-up restarts")
-            threads, fds, memory = thread_names(), open_fds(), rss()
+            threads, fds, memory = thread_names(executor_pool=False), open_fds(), rss()
             first = restarts()
             started = time.monotonic()
             wait_until(lambda: restarts() >= first + 1000, timeout=60, what="1000 restarts")
             elapsed = time.monotonic() - started
             grown = rss() - memory
-            link = supervisor.ask(WhichChildren())[0].ref
-            error = status(link).last_error
+            (link,) = child_refs(supervisor)
+            error = link_status(link).last_error
             print(
                 f"\n1000 supervised restarts in {elapsed:.1f} s: threads "
-                f"{len(threads)}->{len(thread_names())}, fds {fds}->{open_fds()}, "
+                f"{len(threads)}->{len(thread_names(executor_pool=False))}, fds {fds}->{open_fds()}, "
                 f"RSS {grown / MiB:+.1f} MiB"
             )
             assert type(error).__name__ == "SourceShutdown"
-            assert thread_names() == threads
+            assert thread_names(executor_pool=False) == threads
             assert executor_threads() <= EXECUTOR_LIMIT
             # A dial may be in progress at either measurement: one socket of slack.
             assert open_fds() <= fds + 1
@@ -240,10 +222,9 @@ def test_stopping_a_root_supervisor_with_100_live_links(pki: DevPki, source: Sou
         ],
     )
     try:
-        children = supervisor.ask(WhichChildren())
-        links = [child.ref for child in children]
+        links = child_refs(supervisor)
         wait_until(
-            lambda: all(status(link).state is LinkState.CONNECTED for link in links),
+            lambda: all(link_status(link).state is LinkState.CONNECTED for link in links),
             timeout=30,
             what="100 connected links",
         )
@@ -256,7 +237,7 @@ def test_stopping_a_root_supervisor_with_100_live_links(pki: DevPki, source: Sou
     print(f"\nroot supervisor with 100 live links stopped in {elapsed * 1000:.0f} ms")
     assert elapsed < 2.0
     assert QuicLoop.users() == 0
-    assert thread_names() == threads, "a thread outlived the supervisor"
+    assert thread_names(executor_pool=False) == threads, "a thread outlived the supervisor"
     # The loop's idle executor threads were told to exit when it closed; they are gone at once.
     assert settled_threads(timeout=0.5) == threads
     assert socket_fds() == sockets and open_fds() == fds, "a socket outlived the supervisor"
@@ -343,18 +324,18 @@ def test_a_source_reachable_again_is_back_within_the_backoff_delay_plus_one_hand
         )
         try:
             first_after(events, "up", 0.0, timeout=5.0)
-            link = supervisor.ask(WhichChildren())[0].ref
+            (link,) = child_refs(supervisor)
             proxy.block()
             # Silence (failure 1), then dials that time out while blocked (2, 3).
             wait_until(
                 lambda: (
-                    status(link).consecutive_failures >= 3
-                    and status(link).state is LinkState.DISCONNECTED
+                    link_status(link).consecutive_failures >= 3
+                    and link_status(link).state is LinkState.DISCONNECTED
                 ),
                 timeout=10,
                 what="three failures in a row",
             )
-            (child,) = supervisor.ask(WhichChildren())
+            (child,) = children(supervisor)
             delay = child.next_restart_in
             assert delay is not None, "a restart must be pending"
             nominal = 0.2 * 2 ** (child.consecutive_failures - 1)

@@ -35,12 +35,13 @@ from tests.helpers import (
     WAIT,
     Escalations,
     config_for,
+    connect,
     fast_strategy,
     replica_status,
     source_server,
     wait_until,
 )
-from tests.rogue_source import RogueSource
+from tests.rogue_source import rogue
 
 CRYPTO_FRAME = 0x06
 
@@ -82,7 +83,7 @@ def test_a_source_certificate_does_not_pass_for_a_mirrors(pki: DevPki) -> None:
             )
         )
         try:
-            assert mirror.ask(Connect(), timeout=WAIT).accepted
+            assert connect(mirror, timeout=WAIT).accepted
             with pytest.raises(TlsVerificationError, match="not for client authentication"):
                 impostor.ask(Connect(), timeout=WAIT)
         finally:
@@ -103,17 +104,10 @@ def test_resync_of_a_divergence_the_mirror_found_itself(pki: DevPki, tmp_path: P
     def serve_from(subscribe: Subscribe) -> bytes:
         return encode_frame(Entries(new_history[subscribe.first_lsn - 1 :]))
 
-    pair = pki.source(CLUSTER)
-    rogue = RogueSource(
-        str(pair.cert),
-        str(pair.key),
-        lambda hello: encode_frame(HelloAck.accept(CLUSTER)),
-        serve_from,
-    )
     escalations = Escalations()
-    with rogue:
+    with rogue(pki, on_subscribe=serve_from) as source:
         replica = MirrorDatabase.start(
-            config_for(pki, rogue.port),
+            config_for(pki, source.port),
             SqliteReplicaStore(path, LINK),
             on_divergence="resync",
             on_escalation=escalations,

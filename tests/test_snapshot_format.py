@@ -7,10 +7,8 @@ in pieces of any size and raises nothing but ``MalformedFrame``.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import struct
-import tracemalloc
 from collections.abc import Callable
 
 import msgpack
@@ -18,22 +16,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror_actors.wire.errors import MalformedFrame
-from mirror_actors.wire.frames import MAX_PAYLOAD, Entry
-from mirror_actors.wire.snapshot import (
+from mirror_actors.wire import (
+    MAX_PAYLOAD,
+    Entry,
+    MalformedFrame,
     SnapshotDecoder,
     crc32c,
     decode_snapshot,
     encode_snapshot,
-    encode_snapshot_entry,
 )
-
-U64_MAX = 2**64 - 1
-MiB = 1 << 20
-
-
-def entry(lsn: int, term: int = 1) -> Entry:
-    return Entry(lsn, term, f"entry-{lsn}".encode())
+from mirror_actors.wire.snapshot import encode_snapshot_entry
+from tests.helpers import U64_MAX, MiB, entry, traced_memory
 
 
 def log(count: int, term: int = 1) -> list[Entry]:
@@ -248,17 +241,6 @@ def test_an_entry_larger_than_any_frame_is_malformed() -> None:
         decode_snapshot(encode_snapshot([Entry(1, 1, b"x" * (MAX_PAYLOAD + 1))]))
 
 
-def _peak(action: Callable[[], object]) -> int:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        action()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return peak
-
-
 def test_a_lying_length_is_refused_before_it_is_buffered() -> None:
     """A bin claiming 4 GiB, then megabytes that keep coming: refused within ~2 frames' worth."""
     piece = b"\x00" * 64 * 1024
@@ -270,7 +252,7 @@ def test_a_lying_length_is_refused_before_it_is_buffered() -> None:
             for _ in range(64):  # 4 MiB
                 decoder.feed(piece)
 
-    assert _peak(feed) < 5 * MiB
+    assert traced_memory(feed)[0] < 5 * MiB
 
 
 def test_a_long_snapshot_decodes_in_constant_memory() -> None:
@@ -292,7 +274,7 @@ def test_a_long_snapshot_decodes_in_constant_memory() -> None:
         decoder.finish(320)
 
     assert len(item) > header
-    assert _peak(feed) < 4 * MiB
+    assert traced_memory(feed)[0] < 4 * MiB
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -15,19 +15,21 @@ import os
 import random
 import threading
 import time
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from loguru import logger
 
-from mirror_actors.faults.proxy import UdpProxy
-from mirror_actors.link.actor import link_strategy
-from mirror_actors.link.config import LinkConfig
+from mirror_actors.faults import UdpProxy
+from mirror_actors.link import link_strategy
 from mirror_actors.pki import DevPki
-from mirror_actors.replica.actor import GetReplicaStatus, MirrorDatabase, ReplicaStatus
-from mirror_actors.replica.stores import MemoryReplicaStore, entries_digest
-from mirror_actors.source.log import SourceStore
-from mirror_actors.source.server import SourceServer
+from mirror_actors.replica import (
+    MemoryReplicaStore,
+    MirrorDatabase,
+    entries_digest,
+)
+from mirror_actors.source import SourceServer, SourceStore
+from tests.helpers import DATABASE, config_for, replica_status, source_server, wait_until
 
 TOTAL_ENTRIES = 20_000
 CUTS = 10
@@ -36,36 +38,16 @@ IDLE_TIMEOUT = 0.8
 RANDOM_SEED = int(os.environ.get("MIRROR_SOAK_SEED", random.SystemRandom().randrange(2, 10**6)))
 
 
-def _status(replica: Any) -> ReplicaStatus:
-    return cast(ReplicaStatus, replica.ask(GetReplicaStatus(), timeout=5))
-
-
-def _wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("seed", [1, RANDOM_SEED], ids=lambda seed: f"seed={seed}")
 def test_nothing_is_lost_under_a_fault_schedule(pki: DevPki, seed: int) -> None:
     chance = random.Random(seed)
     logger.info("soak seed {} (replay with MIRROR_SOAK_SEED={})", seed, seed)
     # The 5 % for the fixed seed; other rates for the drawn one.
     drop_rate = 0.05 if seed == 1 else chance.choice([0.02, 0.05, 0.08])
-    store = SourceStore(["orders"])
-    pair = pki.source("us-east")
+    store = SourceStore([DATABASE])
 
     def start_source(port: int = 0) -> SourceServer:
-        return SourceServer(
-            "us-east",
-            ("orders",),
-            certfile=str(pair.cert),
-            keyfile=str(pair.key),
-            store=store,
-            port=port,
-        ).start()
+        return source_server(pki, store=store, port=port).start()
 
     source = start_source()
     port = source.port
@@ -86,11 +68,9 @@ def test_nothing_is_lost_under_a_fault_schedule(pki: DevPki, seed: int) -> None:
     disruptions = 0
     try:
         for proxy, replica_store in zip(proxies, stores, strict=True):
-            config = LinkConfig(
-                "us-east",
-                "orders",
-                ca_file=str(pki.ca.cert),
-                port=proxy.port,
+            config = config_for(
+                pki,
+                proxy.port,
                 handshake_timeout=0.5,
                 keepalive_interval=0.1,
                 idle_timeout=IDLE_TIMEOUT,
@@ -127,12 +107,17 @@ def test_nothing_is_lost_under_a_fault_schedule(pki: DevPki, seed: int) -> None:
         assert last == TOTAL_ENTRIES
         for replica in replicas:
             try:
-                _wait_until(
-                    lambda r=replica: _status(r).applied_lsn == last, 60, "every mirror to catch up"
+                wait_until(
+                    lambda r=replica: replica_status(r, timeout=5).applied_lsn == last,
+                    60,
+                    "every mirror to catch up",
+                    interval=0.02,
                 )
             except AssertionError as error:
-                raise AssertionError(f"{error}; the one behind: {_status(replica)}") from None
-        restarts = [_status(replica).supervision.restarts for replica in replicas]
+                raise AssertionError(
+                    f"{error}; the one behind: {replica_status(replica, timeout=5)}"
+                ) from None
+        restarts = [replica_status(replica, timeout=5).supervision.restarts for replica in replicas]
     finally:
         stop_traffic.set()
         if writer.is_alive():

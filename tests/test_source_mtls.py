@@ -6,29 +6,21 @@ close is a CRYPTO_ERROR) and inside the source (its session never saw a byte).
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from mirror_actors.pki import CertificateAuthority, DevPki, write_pair
-from mirror_actors.source.server import SourceConfigError, SourceServer
-from mirror_actors.source.session import SourceSession
+from mirror_actors.source import SourceConfigError, SourceServer, SourceSession
+from mirror_actors.wire import Hello, Subscribe, encode_frame
 from mirror_actors.wire.errors import CRYPTO_ERROR_BASE
-from mirror_actors.wire.frames import Hello, Subscribe, encode_frame
-from tests.test_source_server import CLUSTER, accepted, make_server, mirror
+from tests.helpers import CLUSTER, source_server, thread_names
+from tests.rawclient import accepted, mirror, run
 
 ALERT_BAD_CERTIFICATE = 42
 ALERT_INTERNAL_ERROR = 80
-
-
-def run(coroutine: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coroutine, 30))
 
 
 @pytest.fixture
@@ -43,14 +35,6 @@ def session_inputs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bytes]]:
 
     monkeypatch.setattr(SourceSession, "stream_data", spy)
     return seen
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[str]]:
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
-    yield messages
-    logger.remove(sink)
 
 
 def stranger_pair(tmp_path: Path) -> Any:
@@ -76,10 +60,6 @@ def mtls_mirror(source: SourceServer, pki: DevPki, pair: Any = None, **kwargs: A
 # -- start() checks every file -------------------------------------------------------------
 
 
-def threads() -> set[str]:
-    return {t.name for t in threading.enumerate()}
-
-
 @pytest.mark.parametrize(
     ("content", "words"),
     [
@@ -96,8 +76,8 @@ def test_a_garbage_client_ca_file_fails_start_naming_it(
 ) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_bytes(content)
-    server = make_server(pki, client_ca_file=str(ca))
-    before = threads()
+    server = source_server(pki, client_ca_file=str(ca))
+    before = set(thread_names())
     with pytest.raises(SourceConfigError) as caught:
         server.start()
     message = str(caught.value)
@@ -105,18 +85,18 @@ def test_a_garbage_client_ca_file_fails_start_naming_it(
     assert "CA that signs the mirrors' client certificates" in message
     assert (caught.value.setting, caught.value.path) == ("client_ca_file", str(ca))
     assert isinstance(caught.value, ValueError)
-    assert not server.running and threads() == before
+    assert not server.running and set(thread_names()) == before
     server.stop()  # harmless
 
 
 def test_a_client_ca_file_holding_only_a_key_has_no_certificate(pki: DevPki) -> None:
     with pytest.raises(SourceConfigError, match="no certificate in it"):
-        make_server(pki, client_ca_file=str(pki.ca.key)).start()
+        source_server(pki, client_ca_file=str(pki.ca.key)).start()
 
 
 def test_a_missing_client_ca_file_fails_start_naming_it(pki: DevPki, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "ca.pem"
-    server = make_server(pki, client_ca_file=str(missing))
+    server = source_server(pki, client_ca_file=str(missing))
     with pytest.raises(
         SourceConfigError, match=f"cannot load client_ca_file '{missing}': no such file"
     ):
@@ -126,7 +106,7 @@ def test_a_missing_client_ca_file_fails_start_naming_it(pki: DevPki, tmp_path: P
 
 def test_a_directory_as_client_ca_file_fails_start(pki: DevPki, tmp_path: Path) -> None:
     with pytest.raises(SourceConfigError, match="is a directory"):
-        make_server(pki, client_ca_file=str(tmp_path)).start()
+        source_server(pki, client_ca_file=str(tmp_path)).start()
 
 
 def test_bad_certfile_and_keyfile_fail_start_naming_them(pki: DevPki, tmp_path: Path) -> None:
@@ -149,7 +129,9 @@ def test_bad_certfile_and_keyfile_fail_start_naming_them(pki: DevPki, tmp_path: 
         ({"certfile": str(pair.cert), "keyfile": str(other.key)}, "keyfile", "not the key of"),
     ]
     for files, setting, words in cases:
-        server = SourceServer(CLUSTER, ("orders",), **files)
+        server = SourceServer(
+            CLUSTER, ("orders",), certfile=files["certfile"], keyfile=files["keyfile"]
+        )
         with pytest.raises(SourceConfigError) as caught:
             server.start()
         assert caught.value.setting == setting
@@ -162,9 +144,9 @@ def test_bad_certfile_and_keyfile_fail_start_naming_them(pki: DevPki, tmp_path: 
 
 
 def test_a_client_certificate_from_a_foreign_ca_is_refused_and_served_nothing(
-    pki: DevPki, tmp_path: Path, session_inputs: list[Any], warnings: list[str]
+    pki: DevPki, tmp_path: Path, session_inputs: list[Any], warning_logs: list[str]
 ) -> None:
-    with make_server(pki, client_ca_file=str(pki.ca.cert)) as source:
+    with source_server(pki, client_ca_file=str(pki.ca.cert)) as source:
 
         async def scenario() -> Any:
             # Not waiting for the handshake: HELLO leaves with the client's Finished,
@@ -178,13 +160,13 @@ def test_a_client_certificate_from_a_foreign_ca_is_refused_and_served_nothing(
     assert closed.error_code == CRYPTO_ERROR_BASE + ALERT_BAD_CERTIFICATE
     assert "client certificate rejected" in closed.reason_phrase
     assert session_inputs == [], "the session must never see an unverified peer's bytes"
-    assert any("refused mirror without a valid client certificate" in w for w in warnings)
+    assert any("refused mirror without a valid client certificate" in w for w in warning_logs)
 
 
 def test_data_sent_with_the_finished_is_served_once_the_certificate_verified(
     pki: DevPki, session_inputs: list[Any]
 ) -> None:
-    with make_server(pki, client_ca_file=str(pki.ca.cert)) as source:
+    with source_server(pki, client_ca_file=str(pki.ca.cert)) as source:
         source.append("orders", b"first")
 
         async def scenario() -> Any:
@@ -204,11 +186,11 @@ def test_data_sent_with_the_finished_is_served_once_the_certificate_verified(
 
 @pytest.mark.parametrize("how", ["garbage", "deleted", "emptied"])
 def test_a_client_ca_file_broken_after_start_refuses_every_mirror(
-    pki: DevPki, tmp_path: Path, how: str, session_inputs: list[Any], warnings: list[str]
+    pki: DevPki, tmp_path: Path, how: str, session_inputs: list[Any], warning_logs: list[str]
 ) -> None:
     ca = tmp_path / "ca.pem"
     shutil.copy(pki.ca.cert, ca)
-    with make_server(pki, client_ca_file=str(ca)) as source:
+    with source_server(pki, client_ca_file=str(ca)) as source:
 
         async def before() -> Any:
             async with mtls_mirror(source, pki) as client:
@@ -233,19 +215,19 @@ def test_a_client_ca_file_broken_after_start_refuses_every_mirror(
     assert closed.error_code == CRYPTO_ERROR_BASE + ALERT_INTERNAL_ERROR
     assert "could not verify the client certificate" in closed.reason_phrase
     assert session_inputs == []
-    assert any(f"client_ca_file '{ca}'" in w for w in warnings), warnings
+    assert any(f"client_ca_file '{ca}'" in w for w in warning_logs), warning_logs
 
 
 def test_any_exception_while_verifying_refuses_the_connection(
     pki: DevPki, monkeypatch: pytest.MonkeyPatch, session_inputs: list[Any]
 ) -> None:
-    import mirror_actors.source.server as source_server
+    import mirror_actors.source.server as server_module
 
     def explode(*_args: Any) -> Any:
         raise RuntimeError("verification blew up")
 
-    monkeypatch.setattr(source_server, "_client_certificate_problem", explode)
-    with make_server(pki, client_ca_file=str(pki.ca.cert)) as source:
+    monkeypatch.setattr(server_module, "_client_certificate_problem", explode)
+    with source_server(pki, client_ca_file=str(pki.ca.cert)) as source:
 
         async def scenario() -> Any:
             async with mtls_mirror(source, pki, wait_connected=False) as client:
@@ -259,7 +241,7 @@ def test_any_exception_while_verifying_refuses_the_connection(
 def test_a_rotated_client_ca_applies_to_the_next_connection(pki: DevPki, tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     shutil.copy(pki.ca.cert, ca)
-    with make_server(pki, client_ca_file=str(ca)) as source:
+    with source_server(pki, client_ca_file=str(ca)) as source:
         rotated_ca = CertificateAuthority.create(common_name="rotated CA")
         cert, key = rotated_ca.issue("mirror", ["mirror"], client=True, server=False)
         rotated = write_pair(tmp_path, "rotated", cert, key)

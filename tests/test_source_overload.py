@@ -4,31 +4,25 @@ in-flight budget and the stall rule, with time injected through ``SourceSession.
 from __future__ import annotations
 
 import random
+from typing import Any, cast
 
 import pytest
 
-from mirror_actors.source.log import SourceStore
-from mirror_actors.source.session import (
-    Action,
-    CloseConnection,
-    SendData,
-    SessionState,
-    SourceLimits,
-    SourceSession,
-    SourceSettings,
-)
-from mirror_actors.wire.errors import ErrorCode
-from mirror_actors.wire.frames import (
-    HEADER_SIZE,
+from mirror_actors.source import SourceLimits, SourceSession, SourceSettings, SourceStore
+from mirror_actors.source.session import Action, CloseConnection, SendData, SessionState
+from mirror_actors.wire import (
     Ack,
     Entries,
     Entry,
     Error,
+    ErrorCode,
+    Frame,
     HelloAck,
     Subscribe,
     encode_frame,
 )
-from tests.test_source_session import CLUSTER, DB, Mirror
+from mirror_actors.wire.frames import HEADER_SIZE
+from tests.helpers import CLUSTER, DATABASE, SessionMirror
 
 ENTRY = 1000
 # The payload of one ENTRIES frame of one entry (LSNs below 128 all encode alike).
@@ -38,28 +32,28 @@ ONE_PER_FRAME = ENTRY + 64
 
 
 def filled_store(entries: int = 100) -> SourceStore:
-    store = SourceStore([DB, "other"])
+    store = SourceStore([DATABASE, "other"])
     for i in range(entries):
-        store[DB].append(bytes([i % 256]) * ENTRY)
+        store[DATABASE].append(bytes([i % 256]) * ENTRY)
     return store
 
 
 def session(
     store: SourceStore, limits: SourceLimits, settings: SourceSettings, peer: str = "peer"
-) -> Mirror:
-    return Mirror(SourceSession(CLUSTER, store, settings, peer, limits=limits))
+) -> SessionMirror:
+    return SessionMirror(SourceSession(CLUSTER, store, settings, peer, limits=limits))
 
 
-def subscribed(mirror: Mirror, from_lsn: int = 1, stream_id: int = 4) -> None:
+def subscribed(mirror: SessionMirror, from_lsn: int = 1, stream_id: int = 4) -> None:
     assert mirror.hello().accepted
     mirror.send(stream_id, Subscribe(from_lsn))
 
 
-def payload_sent(mirror: Mirror, stream_id: int = 4) -> int:
+def payload_sent(mirror: SessionMirror, stream_id: int = 4) -> int:
     return sum(len(encode_frame(f)) - HEADER_SIZE for f in mirror.frames[stream_id])
 
 
-def absorb_drive(limits: SourceLimits, mirrors: list[Mirror]) -> dict[int, int]:
+def absorb_drive(limits: SourceLimits, mirrors: list[SessionMirror]) -> dict[int, int]:
     """Run the budget's round robin; frames each mirror got, by index."""
     by_session = {m.session: i for i, m in enumerate(mirrors)}
     got: dict[int, int] = {}
@@ -69,7 +63,12 @@ def absorb_drive(limits: SourceLimits, mirrors: list[Mirror]) -> dict[int, int]:
     return got
 
 
-def ack_all(mirror: Mirror, stream_id: int = 4) -> list[Action]:
+def lsns(frames: list[Frame]) -> list[int]:
+    """The LSNs the ENTRIES ``frames`` carry, in order."""
+    return [e.lsn for frame in frames for e in cast(Entries, frame).entries]
+
+
+def ack_all(mirror: SessionMirror, stream_id: int = 4) -> list[Action]:
     sent = mirror.session.in_flight
     frame = encode_frame(Ack(0, sent))
     actions = mirror.session.stream_data(stream_id, frame, False)
@@ -135,11 +134,12 @@ def test_hard_rejections_come_before_the_connection_limit() -> None:
     settings = SourceSettings(max_connections=1)
     limits = SourceLimits.from_settings(settings)
     assert session(store, limits, settings).hello().accepted
-    for hello, code in [
+    rejections: list[tuple[dict[str, Any], ErrorCode]] = [
         ({"source_cluster": "eu-west"}, ErrorCode.CLUSTER_ID),
         ({"source_database_id": "nope"}, ErrorCode.UNKNOWN_DATABASE),
         ({"last_applied_lsn": 10}, ErrorCode.DIVERGED),
-    ]:
+    ]
+    for hello, code in rejections:
         assert session(store, limits, settings).hello(**hello).error_code == code
     assert limits.connections == 1
 
@@ -174,7 +174,7 @@ def test_one_connection_always_progresses_below_the_budget() -> None:
     mirror = session(store, limits, settings)
     subscribed(mirror)
     for lsn in range(1, 6):
-        assert [e.lsn for e in mirror.frames[4][-1].entries] == [lsn]  # type: ignore[attr-defined]
+        assert lsns(mirror.frames[4][-1:]) == [lsn]
         assert len(mirror.frames[4]) == lsn
         ack_all(mirror)
         absorb_drive(limits, [mirror])
@@ -244,7 +244,7 @@ def test_random_traffic_keeps_the_budget_and_the_accounting() -> None:
     for _ in range(400):
         choice = rng.random()
         if choice < 0.4:
-            store[DB].append(b"x" * rng.randint(0, ENTRY))
+            store[DATABASE].append(b"x" * rng.randint(0, ENTRY))
             for mirror in mirrors:
                 mirror.pump()
         else:
@@ -261,16 +261,15 @@ def test_random_traffic_keeps_the_budget_and_the_accounting() -> None:
         absorb_drive(limits, mirrors)
         if limits.in_flight == 0 and not limits.waiting():
             break
-    last = store[DB].last_lsn
+    last = store[DATABASE].last_lsn
     for mirror in mirrors:
-        lsns = [e.lsn for f in mirror.frames[4] for e in f.entries]  # type: ignore[attr-defined]
-        assert lsns == list(range(1, last + 1))
+        assert lsns(mirror.frames[4]) == list(range(1, last + 1))
 
 
 # -- the stall rule, with injected time ----------------------------------------------------
 
 
-def stalled(timeout: float = 0.5) -> tuple[SourceLimits, Mirror]:
+def stalled(timeout: float = 0.5) -> tuple[SourceLimits, SessionMirror]:
     store = filled_store(50)
     settings = SourceSettings(
         flow_control_cap=4 * FRAME, batch_bytes=ONE_PER_FRAME, stall_timeout=timeout
@@ -282,7 +281,7 @@ def stalled(timeout: float = 0.5) -> tuple[SourceLimits, Mirror]:
     return limits, mirror
 
 
-def assert_shed(mirror: Mirror, actions: list[Action], *words: str) -> None:
+def assert_shed(mirror: SessionMirror, actions: list[Action], *words: str) -> None:
     mirror.absorb(actions)
     error = mirror.frames[4][-1]
     assert isinstance(error, Error) and error.code == ErrorCode.OVERLOADED

@@ -11,30 +11,18 @@ from typing import Any
 from aioquic.quic.events import ConnectionTerminated
 
 from mirror_actors.pki import DevPki
-from mirror_actors.source.server import ServerLoad
-from mirror_actors.source.session import SourceSettings
-from mirror_actors.wire.errors import ErrorCode
-from mirror_actors.wire.frames import (
-    Ack,
-    Entries,
-    Error,
-    Hello,
-    SnapshotChunk,
-    Subscribe,
-    encode_payload,
-)
-from tests.rawclient import END, RawClient
-from tests.test_source_server import CLUSTER, accepted, handshake, make_server, mirror
+from mirror_actors.source import ServerLoad, SourceSettings
+from mirror_actors.wire import Ack, Entries, Error, ErrorCode, Hello, SnapshotChunk, Subscribe
+from mirror_actors.wire.frames import encode_payload
+from tests.helpers import CLUSTER, source_server
+from tests.rawclient import END, RawClient, accepted, handshake, mirror, run
 
 ENTRY = 1000
-WAIT = 15.0
+OVERLOAD_WAIT = 15.0  # a loaded source answers a shed mirror late
+RUN_TIMEOUT = 60.0
 
 
-def run(coroutine: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coroutine, 60))
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+async def until(predicate: Callable[[], Any], what: str, timeout: float = OVERLOAD_WAIT) -> Any:
     """Wait for a condition the server reports (asked off the test's loop), with a deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -57,7 +45,7 @@ async def consume_acking(client: RawClient, stream: int, upto_lsn: int) -> list[
     """A healthy mirror: ACK every frame with its payload bytes, until ``upto_lsn``."""
     entries: list[Any] = []
     while not entries or entries[-1].lsn < upto_lsn:
-        frame = await client.recv(stream, timeout=WAIT)
+        frame = await client.recv(stream, timeout=OVERLOAD_WAIT)
         assert isinstance(frame, Entries | SnapshotChunk), frame
         if isinstance(frame, Entries):
             entries.extend(frame.entries)
@@ -69,19 +57,19 @@ async def shed_with_overloaded(client: RawClient, stream: int) -> tuple[Any, Any
     """Read what the source sends (never ACK): ERROR{0x08} on the stream, then the close."""
     error = None
     while True:
-        item = await client.recv(stream, timeout=WAIT)
+        item = await client.recv(stream, timeout=OVERLOAD_WAIT)
         if isinstance(item, Error):
             error = item
         elif isinstance(item, ConnectionTerminated) or item is END:
             break
-    return error, await client.closed(WAIT)
+    return error, await client.closed(OVERLOAD_WAIT)
 
 
 def test_stalled_subscribers_are_shed_and_a_healthy_mirror_gets_everything(pki: DevPki) -> None:
     # A stall timeout short enough for a test, long enough that the healthy mirror's
     # ACKs (on a loaded machine, beside eight other clients) always come in time.
     settings = SourceSettings(flow_control_cap=16 * 1024, batch_bytes=4096, stall_timeout=1.0)
-    with make_server(pki, settings=settings) as source:
+    with source_server(pki, settings=settings) as source:
         for i in range(300):
             source.append("orders", bytes([i % 256]) * ENTRY)
 
@@ -113,9 +101,10 @@ def test_stalled_subscribers_are_shed_and_a_healthy_mirror_gets_everything(pki: 
                 all_shed.set()
 
         async def scenario() -> tuple[list[Any], Any]:
-            return await asyncio.gather(shed_all(), healthy())
+            outcomes: tuple[list[Any], Any] = await asyncio.gather(shed_all(), healthy())
+            return outcomes
 
-        outcomes, (entries, healthy_closed) = run(scenario())
+        outcomes, (entries, healthy_closed) = run(scenario(), RUN_TIMEOUT)
         load = source.load()
     for error, closed, took in outcomes:
         assert closed.error_code == ErrorCode.OVERLOADED
@@ -131,7 +120,7 @@ def test_stalled_subscribers_are_shed_and_a_healthy_mirror_gets_everything(pki: 
 
 
 def test_a_connection_past_max_connections_is_refused_with_overloaded(pki: DevPki) -> None:
-    with make_server(pki, settings=SourceSettings(max_connections=2)) as source:
+    with source_server(pki, settings=SourceSettings(max_connections=2)) as source:
 
         async def scenario() -> tuple[Any, Any, Any, ServerLoad]:
             async with mirror(source, pki) as first, mirror(source, pki) as second:
@@ -147,7 +136,7 @@ def test_a_connection_past_max_connections_is_refused_with_overloaded(pki: DevPk
                 later = await handshake(fourth, Hello(CLUSTER, "orders"))
             return ack, closed, later, load
 
-        ack, closed, later, load = run(scenario())
+        ack, closed, later, load = run(scenario(), RUN_TIMEOUT)
     assert not ack.accepted and ack.error_code == ErrorCode.OVERLOADED
     assert "at most 2 mirror connections" in ack.error_detail
     assert closed.error_code == ErrorCode.OVERLOADED and closed.frame_type is None
@@ -165,7 +154,7 @@ def test_the_global_budget_holds_and_stalled_connections_cannot_pin_it(pki: DevP
         stall_timeout=1.0,
     )
     stalled_count = 6
-    with make_server(pki, settings=settings) as source:
+    with source_server(pki, settings=settings) as source:
         for i in range(400):
             source.append("orders", bytes([i % 256]) * ENTRY)
 
@@ -195,7 +184,7 @@ def test_the_global_budget_holds_and_stalled_connections_cannot_pin_it(pki: DevP
                 for context in contexts:
                     await context.__aexit__(None, None, None)
 
-        samples, closes, (entries, infos) = run(scenario())
+        samples, closes, (entries, infos) = run(scenario(), RUN_TIMEOUT)
     for load in samples:
         assert load.in_flight <= budget + frame * (stalled_count + 1)
     # Tighter than the protocol needs: one frame over the budget at most, in all.
@@ -209,7 +198,7 @@ def test_the_global_budget_holds_and_stalled_connections_cannot_pin_it(pki: DevP
 
 def test_healthy_mirrors_share_a_tight_budget_without_starving(pki: DevPki) -> None:
     settings = SourceSettings(batch_bytes=4096, max_buffered_bytes=16 * 1024, stall_timeout=30)
-    with make_server(pki, settings=settings) as source:
+    with source_server(pki, settings=settings) as source:
         for i in range(300):
             source.append("orders", bytes([i % 256]) * ENTRY)
 
@@ -221,7 +210,7 @@ def test_healthy_mirrors_share_a_tight_budget_without_starving(pki: DevPki) -> N
         async def scenario() -> list[list[Any]]:
             return list(await asyncio.gather(*(one() for _ in range(5))))
 
-        results = run(scenario())
+        results = run(scenario(), RUN_TIMEOUT)
         load = source.load()
     for entries in results:
         assert [e.lsn for e in entries] == list(range(1, 301))

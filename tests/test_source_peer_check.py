@@ -8,16 +8,20 @@ stream's bytes, so nothing here leans on this project's codec.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 from mirror_actors.pki import DevPki
-from mirror_actors.source.log import SourceStore
-from mirror_actors.source.server import SourceServer
-from mirror_actors.source.session import SourceSettings
-from tests.rawclient import RawClient, hand_frame, hand_frame_lengths, hand_frames, raw_mirror
-from tests.test_source_server import CLUSTER, make_server
+from mirror_actors.source import SourceServer, SourceSettings, SourceStore
+from tests.helpers import CLUSTER, source_server
+from tests.rawclient import (
+    RawClient,
+    hand_frame,
+    hand_frame_lengths,
+    hand_frames,
+    raw_mirror,
+    run,
+)
 
 HELLO, HELLO_ACK, SUBSCRIBE, ENTRIES, ACK, ERROR = 0x01, 0x02, 0x10, 0x11, 0x13, 0x7F
 DIVERGED, OVERLOADED = 7, 8
@@ -30,10 +34,6 @@ ACK_KEYS = {
     "snapshot_lsn",
     "snapshot_bytes_total",
 }
-
-
-def run(coroutine: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coroutine, 30))
 
 
 def hello(lsn: int, term: int | None = None, database: str = "orders") -> bytes:
@@ -51,6 +51,7 @@ def hello(lsn: int, term: int | None = None, database: str = "orders") -> bytes:
 async def exchange_hello(client: RawClient, frame: bytes) -> dict[str, Any]:
     """Send one HELLO, finish the stream, read the one HELLO_ACK (and the FIN after it)."""
     client.send_raw(0, frame, end=True)
+    ack: dict[str, Any]
     ((frame_type, ack),) = await client.raw_frames(0, 1)
     assert frame_type == HELLO_ACK
     assert set(ack) == ACK_KEYS, ack
@@ -89,7 +90,7 @@ async def entries_until(client: RawClient, stream: int, last_lsn: int) -> list[d
 
 
 def server_with(pki: DevPki, terms: list[int], **kwargs: Any) -> SourceServer:
-    server = make_server(pki, databases=("orders",), **kwargs)
+    server = source_server(pki, **kwargs)
     for i, term in enumerate(terms):
         server.store["orders"].append(b"e%d" % (i + 1), term=term)
     return server
@@ -124,7 +125,7 @@ def test_a_source_restarted_with_another_history_is_diverged(pki: DevPki, tmp_pa
         for i in range(10):
             store["orders"].append(b"a%d" % i, term=1)
         # The mirror follows the first source to LSN 10 and notes the term there.
-        with make_server(pki, databases=(), store=store) as source:
+        with source_server(pki, databases=(), store=store) as source:
             port = source.port
 
             async def follow() -> dict[str, Any]:
@@ -142,19 +143,19 @@ def test_a_source_restarted_with_another_history_is_diverged(pki: DevPki, tmp_pa
     with SourceStore(["orders"], path=other_file) as other:
         for i in range(10):
             other["orders"].append(b"b%d" % i, term=1 if i < 5 else 3)
-        with make_server(pki, databases=(), store=other, port=port):
+        with source_server(pki, databases=(), store=other, port=port):
             ack, _ = run(diverged(port, pki, hello(last["lsn"], last["term"])))
     assert "at LSN 10 the mirror has term 1 but this source has term 3" in ack["error_detail"]
     with SourceStore(["orders"], path=short_file) as short:
         for i in range(4):
             short["orders"].append(b"c%d" % i, term=1)
-        with make_server(pki, databases=(), store=short, port=port):
+        with source_server(pki, databases=(), store=short, port=port):
             ack, _ = run(diverged(port, pki, hello(last["lsn"], last["term"])))
     assert "ends at LSN 4" in ack["error_detail"] and "6 entries ahead" in ack["error_detail"]
     # Restarted from its own file, the source still knows the mirror's history.
     with SourceStore(path=first_file) as again:
         again["orders"].append(b"after restart", term=2)
-        with make_server(pki, databases=(), store=again, port=port):
+        with source_server(pki, databases=(), store=again, port=port):
 
             async def resume() -> list[dict[str, Any]]:
                 async with raw_mirror(port, CLUSTER, str(pki.ca.cert)) as client:
@@ -196,7 +197,7 @@ def test_a_nodedb_hello_without_a_term_that_is_not_ahead_is_accepted(pki: DevPki
 
 def test_a_stalled_connection_is_closed_with_overloaded(pki: DevPki) -> None:
     settings = SourceSettings(flow_control_cap=8 * 1024, stall_timeout=0.3)
-    with make_server(pki, databases=("orders",), settings=settings) as source:
+    with source_server(pki, settings=settings) as source:
         for i in range(100):
             source.append("orders", bytes([i]) * 500)
 

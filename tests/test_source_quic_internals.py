@@ -37,8 +37,8 @@ from mirror_actors.source.quic_internals import (
     require_internals,
     stream_delivered,
 )
+from tests.helpers import CLUSTER
 
-CLUSTER = "us-east"
 CLIENT_ADDR = ("10.0.0.1", 40000)
 SERVER_ADDR = ("10.0.0.2", 4433)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import google_crc32c
@@ -13,76 +12,31 @@ from aioquic.quic.events import StreamReset
 
 from mirror_actors.loop_thread import LoopThread
 from mirror_actors.pki import CertificateAuthority, DevPki, write_pair
-from mirror_actors.source.log import SourceStore, decode_snapshot
-from mirror_actors.source.server import SourceServer
-from mirror_actors.source.session import SourceSettings
-from mirror_actors.wire.errors import ErrorCode
-from mirror_actors.wire.frames import (
+from mirror_actors.source import SourceServer, SourceSettings, SourceStore
+from mirror_actors.wire import (
     NO_SNAPSHOT,
     PROTOCOL_VERSION,
     Ack,
     Entries,
-    Error,
+    ErrorCode,
     Hello,
     HelloAck,
     Propose,
     RequestVote,
     SnapshotChunk,
     Subscribe,
-    encode_payload,
+    decode_snapshot,
 )
-from tests.rawclient import END, RawClient, raw_mirror
-
-CLUSTER = "us-east"
-
-
-def make_server(pki: DevPki, **kwargs: Any) -> SourceServer:
-    pair = pki.source(kwargs.pop("cluster_id", CLUSTER))
-    return SourceServer(
-        kwargs.pop("cluster", CLUSTER),
-        kwargs.pop("databases", ("orders", "users")),
-        certfile=str(pair.cert),
-        keyfile=str(pair.key),
-        **kwargs,
-    )
-
-
-@pytest.fixture
-def source(pki: DevPki) -> Iterator[SourceServer]:
-    with make_server(pki) as server:
-        yield server
-
-
-def run(coroutine: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coroutine, 30))
-
-
-def mirror(server: SourceServer, pki: DevPki, server_name: str = CLUSTER, **kwargs: Any) -> Any:
-    return raw_mirror(server.port, server_name, str(pki.ca.cert), **kwargs)
-
-
-async def handshake(client: RawClient, hello: Hello) -> HelloAck:
-    client.send(0, hello, end=True)
-    ack = await client.recv(0)
-    assert isinstance(ack, HelloAck), ack
-    assert await client.recv(0) is END, "the source must finish the handshake stream"
-    return ack
-
-
-async def accepted(client: RawClient, last_applied_lsn: int = 0, db: str = "orders") -> HelloAck:
-    ack = await handshake(client, Hello(CLUSTER, db, last_applied_lsn))
-    assert ack.accepted, ack
-    return ack
-
-
-async def collect_entries(client: RawClient, stream_id: int, upto_lsn: int) -> list[Any]:
-    entries: list[Any] = []
-    while not entries or entries[-1].lsn < upto_lsn:
-        frame = await client.recv(stream_id)
-        assert isinstance(frame, Entries), frame
-        entries.extend(frame.entries)
-    return entries
-
+from mirror_actors.wire.frames import encode_payload
+from tests.helpers import CLUSTER, DATABASE, source_server
+from tests.rawclient import (
+    accepted,
+    collect_entries,
+    expect_error_and_close,
+    handshake,
+    mirror,
+    run,
+)
 
 # -- handshake ----------------------------------------------------------------
 
@@ -176,7 +130,7 @@ def test_subscribe_serves_entries_from_the_requested_lsn(
 
 def test_subscribe_from_before_compaction_streams_the_snapshot_then_entries(pki: DevPki) -> None:
     settings = SourceSettings(snapshot_chunk_size=1000)
-    with make_server(pki, settings=settings) as source:
+    with source_server(pki, settings=settings) as source:
         for i in range(1, 301):
             source.append("orders", bytes([i % 256]) * 50)
         source.compact("orders", 250)
@@ -230,7 +184,7 @@ def test_entries_appended_later_reach_subscribers_at_once(
 
 def test_flow_control_pauses_a_mirror_that_never_acks_and_resumes_on_ack(pki: DevPki) -> None:
     cap = 64 * 1024
-    with make_server(
+    with source_server(
         pki, flow_control_cap=cap, settings=SourceSettings(batch_bytes=4096)
     ) as source:
         for _ in range(200):
@@ -264,7 +218,7 @@ def test_flow_control_pauses_a_mirror_that_never_acks_and_resumes_on_ack(pki: De
 
 
 def test_stop_closes_every_connection_with_source_shutdown(pki: DevPki) -> None:
-    source = make_server(pki).start()
+    source = source_server(pki, databases=(DATABASE, "users")).start()
 
     async def scenario() -> list[Any]:
         async with mirror(source, pki) as first, mirror(source, pki) as second:
@@ -282,11 +236,11 @@ def test_stop_closes_every_connection_with_source_shutdown(pki: DevPki) -> None:
 
 def test_restarted_source_serves_the_same_store(pki: DevPki) -> None:
     store = SourceStore(["orders"])
-    with make_server(pki, store=store) as source:
+    with source_server(pki, store=store) as source:
         for i in range(5):
             source.append("orders", b"%d" % i)
         port = source.port
-    with make_server(pki, store=store, port=port) as restarted:
+    with source_server(pki, store=store, port=port) as restarted:
         restarted.append("orders", b"after")
 
         async def scenario() -> list[Any]:
@@ -303,7 +257,7 @@ def test_restarted_source_serves_the_same_store(pki: DevPki) -> None:
 def test_an_append_racing_a_restart_does_not_stop_later_pushes(
     pki: DevPki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = make_server(pki)
+    server = source_server(pki)
     server.start()
     server.stop()
     real_start = LoopThread.start
@@ -334,15 +288,6 @@ def test_an_append_racing_a_restart_does_not_stop_later_pushes(
 
 
 # -- misbehaving mirrors ------------------------------------------------------
-
-
-async def expect_error_and_close(client: RawClient, stream: int, code: ErrorCode) -> str:
-    frame = await client.recv(stream)
-    assert isinstance(frame, Error), frame
-    assert frame.code == code
-    closed = await client.closed()
-    assert closed.error_code == code
-    return frame.detail
 
 
 @pytest.mark.parametrize("frame", [RequestVote({"term": 3}), Propose({"x": 1})])
@@ -434,7 +379,7 @@ def test_a_broken_mirror_does_not_disturb_another(source: SourceServer, pki: Dev
 
 def test_too_many_streams_are_refused_one_by_one_and_the_connection_lives(pki: DevPki) -> None:
     limit = 8
-    with make_server(pki, settings=SourceSettings(max_subscriptions=limit)) as source:
+    with source_server(pki, settings=SourceSettings(max_subscriptions=limit)) as source:
         source.append("orders", b"first")
 
         async def scenario() -> tuple[list[Any], list[Any]]:
@@ -459,7 +404,7 @@ def test_too_many_streams_are_refused_one_by_one_and_the_connection_lives(pki: D
 
 
 def test_mutual_tls_accepts_a_mirror_with_a_client_certificate(pki: DevPki) -> None:
-    with make_server(pki, client_ca_file=str(pki.ca.cert)) as source:
+    with source_server(pki, client_ca_file=str(pki.ca.cert)) as source:
 
         async def scenario() -> HelloAck:
             async with mirror(
@@ -471,7 +416,7 @@ def test_mutual_tls_accepts_a_mirror_with_a_client_certificate(pki: DevPki) -> N
 
 
 def test_mutual_tls_refuses_a_mirror_without_a_client_certificate(pki: DevPki) -> None:
-    with make_server(pki, client_ca_file=str(pki.ca.cert)) as source:
+    with source_server(pki, client_ca_file=str(pki.ca.cert)) as source:
 
         async def scenario() -> Any:
             async with mirror(source, pki) as client:
@@ -489,7 +434,7 @@ def test_mutual_tls_refuses_a_client_certificate_from_another_ca(
     stranger = CertificateAuthority.create(common_name="someone else's CA")
     cert, key = stranger.issue("mirror", ["mirror"], client=True, server=False)
     pair = write_pair(tmp_path, "stranger", cert, key)
-    with make_server(pki, client_ca_file=str(pki.ca.cert)) as source:
+    with source_server(pki, client_ca_file=str(pki.ca.cert)) as source:
 
         async def scenario() -> Any:
             async with mirror(

@@ -18,12 +18,12 @@ import pytest
 from attrs import frozen
 
 from mirror_actors import Connect, SourceLink, TlsVerificationError, link_strategy
-from mirror_actors.link.config import LinkConfig
+from mirror_actors.link import LinkConfig
 from mirror_actors.pki import CertificateAuthority, CertKeyPair, DevPki, write_pair
-from mirror_actors.source.server import SourceServer
-from supervisors import ChildSpec, ChildState, Supervisor, WhichChildren
+from mirror_actors.source import SourceServer
+from supervisors import ChildSpec, ChildState, Supervisor
 from supervisors.testing import ManualClock
-from tests.test_link import CLUSTER, WAIT, Escalations, config_for
+from tests.helpers import CLUSTER, WAIT, Escalations, children, config_for, connect, source_server
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -182,7 +182,7 @@ def test_supervised_it_escalates_after_one_handshake_with_zero_restarts(case: An
     try:
         assert escalations.arrived.wait(WAIT), "the hard TLS error was not escalated"
         clock.advance(3600)  # nothing is pending: no retry, however long we wait
-        (child,) = supervisor.ask(WhichChildren())
+        (child,) = children(supervisor)
         assert clock.pending() == []
     finally:
         supervisor.stop()
@@ -197,15 +197,9 @@ def test_a_good_configuration_next_to_the_bad_ones_still_connects(
     pki: DevPki, tmp_path: Path
 ) -> None:
     """Control: the same CA, names and mutual TLS, correctly set up, connect fine."""
-    with SourceServer(
-        CLUSTER,
-        ("orders",),
-        certfile=str(pki.source(CLUSTER).cert),
-        keyfile=str(pki.source(CLUSTER).key),
-        client_ca_file=str(pki.ca.cert),
-    ) as server:
+    with source_server(pki, client_ca_file=str(pki.ca.cert)) as server:
         link = SourceLink.start(config_for(pki, server.port, **client_cert(pki.mirror)))
         try:
-            assert link.ask(Connect()).accepted
+            assert connect(link).accepted
         finally:
             link.stop()

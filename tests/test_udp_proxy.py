@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -11,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from mirror_actors import Connect, Entries, OpenStream, SourceLink, Subscribe
-from mirror_actors.faults.proxy import UdpProxy
+from mirror_actors import Connect, Entries, SourceLink, Subscribe
+from mirror_actors.faults import UdpProxy
 from mirror_actors.pki import DevPki
-from tests.test_link import config_for, source_server, wait_until
-
-WAIT = 5.0
+from mirror_actors.source import SourceServer
+from tests.helpers import WAIT, config_for, open_fds, open_stream, wait_until
 
 
 class EchoServer:
@@ -253,7 +251,7 @@ def test_bad_settings_are_refused(call: str, args: tuple[Any, ...]) -> None:
 
 
 def test_stop_releases_thread_sockets_and_port(echo: EchoServer, client: Any) -> None:
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = open_fds()
     threads = threading.active_count()
     proxy = UdpProxy(echo.port).start()
     port = proxy.port
@@ -264,13 +262,15 @@ def test_stop_releases_thread_sockets_and_port(echo: EchoServer, client: Any) ->
     proxy.stop()
     proxy.stop()  # idempotent
     assert threading.active_count() == threads
-    assert len(os.listdir("/proc/self/fd")) == fds + 1  # the test's own client socket
+    assert open_fds() == fds + 1  # the test's own client socket
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
         again.bind(("127.0.0.1", port))  # the proxy let go of its port
 
 
-def test_a_link_replicates_through_a_lossy_reordering_proxy(pki: DevPki) -> None:
-    with source_server(pki) as source, UdpProxy(source.port, seed=5) as proxy:
+def test_a_link_replicates_through_a_lossy_reordering_proxy(
+    pki: DevPki, source: SourceServer
+) -> None:
+    with UdpProxy(source.port, seed=5) as proxy:
         proxy.set_drop_rate(0.05)
         proxy.set_delay(0.001, jitter=0.004)
         link = SourceLink.start(config_for(pki, proxy.port, handshake_timeout=5.0))
@@ -278,7 +278,7 @@ def test_a_link_replicates_through_a_lossy_reordering_proxy(pki: DevPki) -> None
             link.ask(Connect())
             for i in range(200):
                 source.append("orders", b"e%d" % i)
-            with link.ask(OpenStream()) as stream:
+            with open_stream(link) as stream:
                 stream.send(Subscribe(1))
                 got: list[bytes] = []
                 while len(got) < 200:
@@ -293,10 +293,6 @@ def test_a_link_replicates_through_a_lossy_reordering_proxy(pki: DevPki) -> None
 
 
 IDLE = 0.2  # a short upstream idle timeout, so reaping shows within a test
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_idle_upstream_sockets_are_reaped_and_fds_drop_back(echo: EchoServer) -> None:

@@ -16,14 +16,14 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
-from mirror_actors.topology.runner import LinkRow, TopologyRun
+from mirror_actors.topology import TopologyRun, status_table
+from mirror_actors.topology.runner import LinkRow
 from mirror_actors.topology.view import (
     COLUMN_PRIORITY,
     ERROR_INDENT,
     STATE_NAMES,
     format_duration,
     plain_line,
-    status_table,
     table_layout,
     watch,
 )

@@ -16,7 +16,6 @@ from typing import Any
 
 import pykka
 import pytest
-from sup_helpers import WAIT
 
 import supervisors
 from supervisors import _pykka
@@ -29,6 +28,7 @@ from supervisors._pykka import (
     start_instance,
     take_reply,
 )
+from tests.helpers import WAIT
 
 PACKAGE = Path(supervisors.__file__).parent
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pykka
 import pytest
-from sup_helpers import WAIT, Probe, TransientError, statuses, wait_state
 
 from supervisors import (
     AskChild,
@@ -18,7 +17,6 @@ from supervisors import (
     Directive,
     ExponentialBackoff,
     Failure,
-    GetChild,
     NormalExit,
     Restart,
     Scope,
@@ -31,6 +29,7 @@ from supervisors import (
     reply,
 )
 from supervisors.testing import ManualClock
+from tests.helpers import WAIT, Probe, TransientError, child_ref, statuses, wait_state
 
 
 class Plain(pykka.ThreadingActor):
@@ -86,7 +85,7 @@ def test_a_plain_child_crashing_on_a_told_message_is_restarted_with_the_real_err
     spec = ChildSpec.for_actor("plain", Plain, args=("plain", probe))
     supervisor = start([spec], strategy, clock)
     try:
-        first = supervisor.ask(GetChild("plain"), timeout=WAIT)
+        first = child_ref(supervisor, "plain")
         assert first.actor_class is Plain  # the ref names the actor's own class
         error = TransientError("boom")
         first.tell(("crash", error))  # straight to the child, not through the supervisor
@@ -203,7 +202,8 @@ def test_a_factory_builds_the_actor_and_a_started_ref_is_refused() -> None:
     supervisor = start(
         [
             ChildSpec.for_actor("made", factory),
-            ChildSpec.for_actor("bad", lambda: Plain.start("bad", probe)),
+            # A factory that answers a ref, not an actor: refused when the child starts.
+            ChildSpec.for_actor("bad", lambda: Plain.start("bad", probe)),  # type: ignore[arg-type, return-value]
         ],
         strategy,
     )
@@ -221,7 +221,7 @@ def test_a_factory_builds_the_actor_and_a_started_ref_is_refused() -> None:
 
 def test_for_actor_refuses_what_is_not_an_actor() -> None:
     with pytest.raises(TypeError, match="ThreadingActor"):
-        ChildSpec.for_actor("x", int)
+        ChildSpec.for_actor("x", int)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         ChildSpec.for_actor("x", 42)  # type: ignore[arg-type]
 
@@ -236,7 +236,7 @@ def test_a_supervised_actor_started_by_for_actor_gets_its_parent() -> None:
     clock, strategy = ManualClock(), Recording()
     supervisor = start([ChildSpec.for_actor("r", Reporting)], strategy, clock)
     try:
-        ref = supervisor.ask(GetChild("r"), timeout=WAIT)
+        ref = child_ref(supervisor, "r")
         assert ref.ask("parent?", timeout=WAIT) is True
         ref.tell("report")
         wait_state(supervisor, "r", ChildState.RESTARTING)

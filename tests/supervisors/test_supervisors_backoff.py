@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -213,7 +214,7 @@ def test_escalate_on_accepts_types_tuples_and_predicates() -> None:
         {"within": 0},
     ],
 )
-def test_invalid_backoff_settings_are_refused(kwargs: dict[str, float]) -> None:
+def test_invalid_backoff_settings_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         ExponentialBackoff(**kwargs)
 

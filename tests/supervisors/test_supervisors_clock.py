@@ -61,9 +61,14 @@ def test_monotonic_clock_fires_in_order_and_honours_cancel() -> None:
     clock = MonotonicClock("test-timer")
     fired: list[str] = []
     done = threading.Event()
+
+    def second() -> None:
+        fired.append("second")
+        done.set()
+
     try:
         skipped = clock.call_later(0.01, lambda: fired.append("cancelled"))
-        clock.call_later(0.03, lambda: (fired.append("second"), done.set()))
+        clock.call_later(0.03, second)
         clock.call_later(0.02, lambda: fired.append("first"))
         skipped.cancel()
         assert done.wait(5.0)

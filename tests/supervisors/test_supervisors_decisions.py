@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sup_helpers import WAIT, Probe, TransientError, statuses, wait_state, worker
 
 from supervisors import (
     DEFAULT_RESET_AFTER,
@@ -42,6 +42,7 @@ from supervisors import (
 )
 from supervisors.backoff import jitter_span, jittered_delay
 from supervisors.testing import ManualClock
+from tests.helpers import WAIT, Probe, TransientError, statuses, wait_state, worker
 
 
 def failure(error: BaseException | None = None, n: int = 1, at: float = 0.0) -> Failure:
@@ -170,11 +171,12 @@ def test_ask_strategy_turns_anything_but_a_directive_into_a_broken_strategy() ->
     def raises(f: Failure) -> Restart:
         raise ZeroDivisionError
 
-    for decide_fn, problem in [
+    cases: list[tuple[Callable[[Failure], Any], str]] = [
         (lambda f: None, "returned None"),
         (raises, "raised ZeroDivisionError"),
         (lambda f: Restart(math.inf), "raised ValueError"),
-    ]:
+    ]
+    for decide_fn, problem in cases:
         broken = ask_strategy(CallableStrategy(decide_fn), failure())
         assert isinstance(broken, BrokenStrategy) and problem in broken.problem
     assert ask_strategy(CallableStrategy(lambda f: Stop()), failure()) == Stop()

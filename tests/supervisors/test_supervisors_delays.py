@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from loguru import logger
-from sup_helpers import WAIT, Probe, TransientError, fails_on_start, statuses, wait_state, worker
 
 from supervisors import (
     MAX_DELAY_SECONDS,
@@ -30,6 +28,7 @@ from supervisors import (
     check_delay,
 )
 from supervisors.testing import ManualClock
+from tests.helpers import WAIT, Probe, TransientError, fails_on_start, statuses, wait_state, worker
 
 MAX = MAX_DELAY_SECONDS
 NAN = math.nan
@@ -49,14 +48,6 @@ def failure(n: int = 1, previous: float | None = None, child_id: str = "c") -> F
 @pytest.fixture
 def probe() -> Probe:
     return Probe()
-
-
-@pytest.fixture
-def error_logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="ERROR", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 # -- the bound and Restart ----------------------------------------------------

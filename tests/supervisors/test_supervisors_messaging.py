@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pykka
 import pytest
-from sup_helpers import WAIT, Probe, TransientError, Worker, statuses, wait_state, worker
 
 from supervisors import (
     AskChild,
+    ChildCounts,
     ChildNotFound,
     ChildSpec,
     ChildState,
@@ -26,10 +26,20 @@ from supervisors import (
     StopChild,
     Supervisor,
     SupervisorStopped,
-    WhichChildren,
     ask_child,
 )
 from supervisors.testing import ManualClock
+from tests.helpers import (
+    WAIT,
+    Probe,
+    TransientError,
+    Worker,
+    child_ref,
+    children,
+    statuses,
+    wait_state,
+    worker,
+)
 
 
 def start(clock: ManualClock, children: list[ChildSpec], **kwargs: Any) -> pykka.ActorRef[Any]:
@@ -69,7 +79,7 @@ def test_stash_is_delivered_after_on_restart_for_an_in_place_restart() -> None:
     clock, probe = ManualClock(), Probe()
     supervisor = start(clock, [worker("link", probe)])
     try:
-        ref = supervisor.ask(GetChild("link"), timeout=WAIT)
+        ref = child_ref(supervisor, "link")
         ref.tell(("report", TransientError("dropped")))
         clock.wait_for_timers()
         answer = supervisor.ask(AskChild("link", ("echo", "after")), timeout=WAIT)
@@ -114,7 +124,9 @@ def test_dynamic_children() -> None:
     clock, probe = ManualClock(), Probe()
     supervisor = start(clock, [worker("a", probe)])
     try:
-        ref = supervisor.ask(StartChild(worker("b", probe)), timeout=WAIT)
+        ref = cast(
+            pykka.ActorRef[Any], supervisor.ask(StartChild(worker("b", probe)), timeout=WAIT)
+        )
         assert ref.ask(("echo", "hi"), timeout=WAIT) == ("b", "hi")
         with pytest.raises(DuplicateChild, match="already has a child 'b'"):
             supervisor.ask(StartChild(worker("b", probe)), timeout=WAIT)
@@ -124,8 +136,8 @@ def test_dynamic_children() -> None:
 
         with pytest.raises(TransientError):
             supervisor.ask(StartChild(ChildSpec("broken", broken)), timeout=WAIT)
-        assert [row.id for row in supervisor.ask(WhichChildren(), timeout=WAIT)] == ["a", "b"]
-        counts = supervisor.ask(CountChildren(), timeout=WAIT)
+        assert [row.id for row in children(supervisor)] == ["a", "b"]
+        counts = cast(ChildCounts, supervisor.ask(CountChildren(), timeout=WAIT))
         assert (counts.specs, counts.active, counts.workers, counts.supervisors) == (2, 2, 2, 0)
 
         supervisor.ask(StopChild("b"), timeout=WAIT)
@@ -135,7 +147,7 @@ def test_dynamic_children() -> None:
         assert again is not None and again != ref
         assert statuses(supervisor)["b"].restarts == 1
 
-        a_ref = supervisor.ask(GetChild("a"), timeout=WAIT)
+        a_ref = child_ref(supervisor, "a")
         assert supervisor.ask(RestartChild("a"), timeout=WAIT) is a_ref  # in place
         probe.wait_count("restart", 1)
 
@@ -171,7 +183,7 @@ def test_a_plain_pykka_child_that_died_is_noticed_when_messaged() -> None:
 
     supervisor = start(clock, [ChildSpec("plain", lambda parent: Plain.start())])
     try:
-        old = supervisor.ask(GetChild("plain"), timeout=WAIT)
+        old = child_ref(supervisor, "plain")
         old.stop()
         answer = supervisor.ask(AskChild("plain", "hello"), timeout=WAIT)
         wait_state(supervisor, "plain", ChildState.RESTARTING)

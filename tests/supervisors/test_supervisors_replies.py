@@ -7,7 +7,6 @@ from typing import Any
 
 import pykka
 import pytest
-from sup_helpers import WAIT, Probe, statuses, worker
 
 from supervisors import (
     ChildNotFound,
@@ -21,6 +20,7 @@ from supervisors import (
 from supervisors._pykka import TrackingInbox
 from supervisors.replies import ReplyRelay
 from supervisors.testing import ManualClock
+from tests.helpers import WAIT, Probe, statuses, worker
 
 
 class Waiter(DeferredReplies, pykka.ThreadingActor):

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pykka
 import pytest
-from loguru import logger
-from sup_helpers import (
-    WAIT,
-    FailsOnStart,
-    HardError,
-    Probe,
-    TransientError,
-    Worker,
-    fails_on_start,
-    statuses,
-    wait_state,
-    worker,
-)
 
 from supervisors import (
     BrokenStrategy,
@@ -44,6 +30,19 @@ from supervisors import (
     SupervisorStrategy,
 )
 from supervisors.testing import ManualClock
+from tests.helpers import (
+    WAIT,
+    FailsOnStart,
+    HardError,
+    Probe,
+    TransientError,
+    Worker,
+    child_ref,
+    fails_on_start,
+    statuses,
+    wait_state,
+    worker,
+)
 
 SEED_SCHEDULE = [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30, 30, 30]
 
@@ -61,14 +60,6 @@ def probe() -> Probe:
 @pytest.fixture
 def escalations() -> list[EscalationEvent]:
     return []
-
-
-@pytest.fixture
-def error_logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="ERROR", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 def start(
@@ -164,13 +155,13 @@ def test_hard_error_escalates_at_once_without_a_restart(
 def test_crashed_child_is_replaced_and_reachable_by_id(clock: ManualClock, probe: Probe) -> None:
     supervisor = start(clock, [worker("db", probe)])
     try:
-        old = supervisor.ask(GetChild("db"), timeout=WAIT)
+        old = child_ref(supervisor, "db")
         crash(supervisor, "db", TransientError("boom"))
         clock.wait_for_timers()
         assert statuses(supervisor)["db"].state is ChildState.RESTARTING
         assert supervisor.ask(GetChild("db"), timeout=WAIT) is None
         clock.advance_to_next()
-        new = supervisor.ask(GetChild("db"), timeout=WAIT)
+        new = child_ref(supervisor, "db")
         assert new is not None and new.actor_urn != old.actor_urn
         assert not old.is_alive()
         assert new.ask(("echo", 1), timeout=WAIT) == ("db", 1)
@@ -185,7 +176,7 @@ def test_live_child_reporting_a_failure_is_restarted_in_place(
 ) -> None:
     supervisor = start(clock, [worker("link", probe)], strategy=ExponentialBackoff(jitter=0.0))
     try:
-        ref = supervisor.ask(GetChild("link"), timeout=WAIT)
+        ref = child_ref(supervisor, "link")
         child_thread = ref.ask("thread", timeout=WAIT)
         ref.tell(("report", TransientError("connection lost")))
         ref.tell(("report", TransientError("reported twice")))  # ignored while restarting
@@ -216,7 +207,7 @@ def test_a_failing_on_restart_is_a_new_failure(clock: ManualClock, probe: Probe)
         strategy=ExponentialBackoff(jitter=0.0),
     )
     try:
-        supervisor.ask(GetChild("link"), timeout=WAIT).tell(("report", TransientError("drop")))
+        child_ref(supervisor, "link").tell(("report", TransientError("drop")))
         assert [clock.advance_to_next() for _ in range(3)] == [0.5, 1.0, 2.0]
         probe.wait_count("restart", 3)
         clock.wait_for_timers()
@@ -265,7 +256,7 @@ def test_plain_callable_strategy_is_consulted_and_can_resume(
 
     supervisor = start(clock, [worker("c", probe)], strategy=decide)
     try:
-        ref = supervisor.ask(GetChild("c"), timeout=WAIT)
+        ref = child_ref(supervisor, "c")
         ref.tell(("report", TransientError("glitch")))
         probe.wait_count("decided", 1)
         rows = statuses(supervisor)
@@ -274,7 +265,7 @@ def test_plain_callable_strategy_is_consulted_and_can_resume(
         assert probe.of("restart") == [] and clock.pending() == []
         crash(supervisor, "c", TransientError("dead"))  # a dead child cannot resume
         clock.advance_to_next()
-        new = supervisor.ask(GetChild("c"), timeout=WAIT)
+        new = child_ref(supervisor, "c")
         assert new is not None and new != ref
     finally:
         supervisor.stop()

@@ -7,17 +7,6 @@ from typing import Any
 
 import pykka
 import pytest
-from sup_helpers import (
-    WAIT,
-    HardError,
-    Probe,
-    TransientError,
-    Worker,
-    fails_on_start,
-    statuses,
-    wait_state,
-    worker,
-)
 
 from supervisors import (
     CallableStrategy,
@@ -27,7 +16,6 @@ from supervisors import (
     EscalatedFailure,
     EscalationEvent,
     ExponentialBackoff,
-    GetChild,
     RestartChild,
     SendToChild,
     StartChild,
@@ -37,6 +25,18 @@ from supervisors import (
     SupervisorShutDown,
 )
 from supervisors.testing import ManualClock
+from tests.helpers import (
+    WAIT,
+    HardError,
+    Probe,
+    TransientError,
+    Worker,
+    child_ref,
+    fails_on_start,
+    statuses,
+    wait_state,
+    worker,
+)
 
 
 def sub_supervisor(
@@ -92,10 +92,10 @@ def test_an_escalating_child_supervisor_is_restarted_by_its_parent() -> None:
         children=[mid], clock=clock, strategy=ExponentialBackoff(jitter=0.0), name="root"
     )
     try:
-        old_mid = root.ask(GetChild("mid"), timeout=WAIT)
+        old_mid = child_ref(root, "mid")
         old_mid.ask(SendToChild("leaf", ("crash", TransientError("flaky"))), timeout=WAIT)
         assert clock.advance_to_next() == 0.5  # the root backs off like for any child
-        new_mid = root.ask(GetChild("mid"), timeout=WAIT)
+        new_mid = child_ref(root, "mid")
         assert new_mid is not None and new_mid != old_mid and not old_mid.is_alive()
         assert isinstance(statuses(root)["mid"].last_error, EscalatedFailure)
         probe.wait_count("start", 2)
@@ -119,7 +119,7 @@ def test_requests_queued_behind_an_escalation_are_refused_not_acted_on() -> None
         children=[mid], clock=clock, strategy=CallableStrategy(lambda f: Stop()), name="root"
     )
     try:
-        old_mid = root.ask(GetChild("mid"), timeout=WAIT)
+        old_mid = child_ref(root, "mid")
         old_mid.tell(SendToChild("leaf", ("crash", TransientError("flaky"))))
         assert deciding.wait(WAIT)
         started_late = old_mid.ask(StartChild(worker("late", probe)), block=False)
