@@ -46,12 +46,14 @@ class Sizes:
     silent_idle_timeout: float
     scale_source_in_process: bool = False
     profile: bool = False  # figure 4: cProfile the QUIC loop thread while the links connect
+    connect_breakdown_reps: int = 60  # figure 1b: rotations of (ours, bare) x (plain, timed)
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(
             reps=3,
             connect_reps=5,
+            connect_breakdown_reps=5,
             replication_entries=3_000,
             replication_entry_bytes=256,
             replication_reps=3,
@@ -68,7 +70,8 @@ class Sizes:
     def full(cls) -> Sizes:
         return cls(
             reps=7,
-            connect_reps=21,
+            connect_reps=61,
+            connect_breakdown_reps=60,
             replication_entries=40_000,
             replication_entry_bytes=256,
             replication_reps=5,

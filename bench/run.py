@@ -18,12 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from .common import Env, Row, Sizes, failed_row, machine_info, quiet_logs
-from .scenarios import connect, detection, mailbox, replication, scale, timers
+from .scenarios import (
+    connect,
+    connect_breakdown,
+    detection,
+    mailbox,
+    replication,
+    scale,
+    timers,
+)
 
 Scenario = Callable[[Env, Sizes], list[Row]]
 
 FIGURES: dict[str, tuple[str, Scenario]] = {
     "1": ("1 connect", connect.run),
+    "1b": ("1b connect breakdown", connect_breakdown.run),
     "2": ("2 replication", replication.run),
     "3": ("3 mailbox", mailbox.run),
     "4": ("4 scale (+5a restart timers)", scale.run),
@@ -160,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     document["command"] = " ".join(["python -m bench.run", *(argv or sys.argv[1:])])
     document["mode"] = "quick" if args.quick else "full"
     for row in document["rows"]:
+        if row["extra"].get("breakdown"):
+            print(
+                f"\nwhere a Connect spends its time ({row['figure']}):\n{row['extra']['breakdown']}"
+            )
         if row["extra"].get("loop_profile"):
             print(f"\nQUIC loop thread profile ({row['metric']}):\n{row['extra']['loop_profile']}")
     print()

@@ -664,3 +664,22 @@ def test_a_handshake_stream_finished_without_an_ack_fails_at_once(pki: DevPki) -
             assert time.monotonic() - started < 1.0
         finally:
             link.stop()
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "10.0.0.5", "::1", "::ffff:127.0.0.1", "FE80::1", "2001:db8:0::1"]
+)
+def test_an_ip_literal_resolves_as_getaddrinfo_would_without_the_executor(host: str) -> None:
+    import socket
+
+    from mirror_actors.link.connection import _literal_address
+
+    expected = socket.getaddrinfo(host, 4433, type=socket.SOCK_DGRAM)[0]
+    assert _literal_address(host, 4433) == (expected[0], expected[4])
+
+
+@pytest.mark.parametrize("host", ["localhost", "us-east.example", "fe80::1%lo", "0x7f.1"])
+def test_a_name_still_goes_to_getaddrinfo(host: str) -> None:
+    from mirror_actors.link.connection import _literal_address
+
+    assert _literal_address(host, 4433) is None

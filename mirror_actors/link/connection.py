@@ -154,8 +154,13 @@ class LinkConnection:
     async def _dial(self) -> None:
         loop = asyncio.get_running_loop()
         self._event_loop = loop
-        infos = await loop.getaddrinfo(self.config.host, self.config.port, type=socket.SOCK_DGRAM)
-        family, _, _, _, address = infos[0]
+        resolved = _literal_address(self.config.host, self.config.port)
+        if resolved is None:
+            infos = await loop.getaddrinfo(
+                self.config.host, self.config.port, type=socket.SOCK_DGRAM
+            )
+            resolved = infos[0][0], infos[0][4]
+        family, address = resolved
         configuration = QuicConfiguration(
             is_client=True,
             alpn_protocols=[ALPN],
@@ -379,6 +384,26 @@ class LinkConnection:
                 self._tls_done.set_result(None)
         elif isinstance(event, events.ConnectionTerminated):
             self._terminated(event.error_code, event.frame_type, event.reason_phrase)
+
+
+def _literal_address(host: str, port: int) -> tuple[socket.AddressFamily, NetworkAddress] | None:
+    """What ``getaddrinfo`` would answer first for an IP literal; None for a name.
+
+    ``loop.getaddrinfo`` always runs in the loop's default executor: two thread
+    hops and a loop turn per dial (0.18 ms median, 0.25-0.4 ms p90, on 2 shared
+    cores: bench figure 1b) to learn what the literal already says.  A name, and
+    a literal ``inet_pton`` refuses (a scope id, an octal part), still go there.
+    """
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            packed = socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        text = socket.inet_ntop(family, packed)
+        if family == socket.AF_INET:
+            return family, (text, port)
+        return family, (text, port, 0, 0)
+    return None
 
 
 def _read_ca(path: str) -> bytes:
