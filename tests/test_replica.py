@@ -18,6 +18,7 @@ from mirror_actors.pki import DevPki
 from mirror_actors.replica import (
     MemoryReplicaStore,
     MirrorDatabase,
+    ReplicaStatus,
     SqliteReplicaStore,
     entries_digest,
 )
@@ -184,15 +185,26 @@ def test_a_snapshot_with_a_bad_crc_is_never_installed(pki: DevPki) -> None:
         replica = MirrorDatabase.start(
             config(pki, source.port), replica_store, strategy=fast_strategy()
         )
+
+        def reported_error(status: ReplicaStatus) -> str:
+            return str(
+                status.supervision.last_error or status.link.last_error if status.link else ""
+            )
+
         try:
-            wait_until(lambda: replica_status(replica).replication_errors >= 1)
+            # The replica reports what it was told: the link's failure reaches it a
+            # message after the replication error is counted.
+            wait_until(
+                lambda: (
+                    replica_status(replica).replication_errors >= 1
+                    and "CRC-32C mismatch" in reported_error(replica_status(replica))
+                )
+            )
             current = replica_status(replica)
         finally:
             replica.stop()
     assert replica_store.entries() == [] and current.snapshots_installed == 0
-    assert "CRC-32C mismatch" in str(
-        current.supervision.last_error or current.link.last_error if current.link else ""
-    )
+    assert "CRC-32C mismatch" in reported_error(current)
 
 
 def _applied_in_file(path: Path) -> int:

@@ -767,6 +767,8 @@ def test_parsing_imports_no_strategy_module_and_leaves_sys_path_alone(tmp_path: 
 
 
 def test_every_example_parses_without_touching_sys_path() -> None:
+    # Another test may have resolved the custom strategy already; parsing must not.
+    sys.modules.pop("custom_strategy", None)
     before = list(sys.path)
     for path in EXAMPLE_FILES:
         load_topology(path)
