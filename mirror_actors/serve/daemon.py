@@ -224,6 +224,12 @@ class MirrorDaemon:
                 self._http.stop()
                 self._http = None
             raise
+        # A first snapshot before the endpoints open: whoever reads the announced
+        # address gets the links' status, not "starting".
+        try:
+            self._collector.refresh()
+        except Exception:
+            logger.exception("the first status snapshot failed; the collector will retry")
         self._collector.start()
         if self._http is not None:
             self._http.start()
