@@ -47,7 +47,7 @@ ISSUE_METRICS = (
 ENV = {k: v for k, v in os.environ.items() if k != "MIRROR_ACTORS_LOG"}
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = WAIT, what: str = "") -> Any:
+def wait_until(condition: Callable[..., Any], timeout: float = WAIT, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = condition()

@@ -350,7 +350,7 @@ def test_an_unknown_key_anywhere_is_named(
     assert error.key == f"{where}.{key}" and "unknown key" in error.problem
 
 
-wrong_values = st.one_of(st.booleans(), st.just([]), st.just({}), st.just(-5), st.just("x y"))
+wrong_values: st.SearchStrategy[object] = st.one_of(st.booleans(), st.just([]), st.just({}), st.just(-5), st.just("x y"))
 
 
 @given(configs(), st.sampled_from((*LINK_KEYS, "address", "databases", "cluster")), wrong_values)
