@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
+import msgpack
 import pykka
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -200,3 +202,104 @@ class BareStatusActor(pykka.ThreadingActor):
             last_applied_lsn=self.last_applied_lsn,
             snapshot_lsn=None,
         )
+
+
+# -- figure 2p: the barest mirror (msgpack by hand, nothing of mirror_actors.wire) -------
+
+_RAW_HEADER = struct.Struct(">BI")
+_RAW_HELLO, _RAW_HELLO_ACK, _RAW_SUBSCRIBE, _RAW_ACK = 0x01, 0x02, 0x10, 0x13
+
+
+def _raw_frame(kind: int, payload: dict[str, Any]) -> bytes:
+    body = msgpack.packb(payload, use_bin_type=True)
+    return _RAW_HEADER.pack(kind, len(body)) + body
+
+
+class RawBareMirror(QuicConnectionProtocol):
+    """HELLO, SUBSCRIBE, ``msgpack.unpackb`` of each frame, an ACK per frame: nothing else.
+
+    ``on_entries(entries)`` gets each ENTRIES frame's decoded list of
+    ``{lsn, term, data}`` maps (on the loop thread) and answers nothing; the
+    ACK follows it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        self.hello_ack: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.done: asyncio.Future[float] = loop.create_future()
+        self.last_lsn = 0
+        self.on_entries: Callable[[list[dict[str, Any]]], None] = lambda entries: None
+        self._buffers: dict[int, bytearray] = {}
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            buffer = self._buffers.setdefault(event.stream_id, bytearray())
+            buffer += event.data
+            position = 0
+            size = len(buffer)
+            acked = False
+            while size - position >= 5:
+                kind, length = _RAW_HEADER.unpack_from(buffer, position)
+                end = position + 5 + length
+                if size < end:
+                    break
+                payload = msgpack.unpackb(buffer[position + 5 : end])
+                position = end
+                if kind == _RAW_HELLO_ACK:
+                    if not self.hello_ack.done():
+                        self.hello_ack.set_result(payload)
+                    continue
+                entries = payload["entries"]
+                self.on_entries(entries)
+                applied = entries[-1]["lsn"]
+                self._quic.send_stream_data(
+                    event.stream_id, _raw_frame(_RAW_ACK, {"applied_lsn": applied, "bytes": length})
+                )
+                acked = True
+                if applied >= self.last_lsn and not self.done.done():
+                    self.done.set_result(time.perf_counter())
+            del buffer[:position]
+            if acked:
+                self.transmit()
+        elif isinstance(event, events.ConnectionTerminated):
+            for future in (self.hello_ack, self.done):
+                if not future.done():
+                    future.set_exception(ConnectionError(event.reason_phrase))
+
+
+async def raw_bare_replicate(
+    port: int,
+    ca_file: str,
+    database: str,
+    last_lsn: int,
+    on_entries: Callable[[list[dict[str, Any]]], None],
+) -> float:
+    """Dial, HELLO/HELLO_ACK, then SUBSCRIBE from 1: seconds from the SUBSCRIBE until the
+    frame carrying ``last_lsn`` has gone through ``on_entries``."""
+    configuration = bare_configuration(ca_file)
+    manager = connect("127.0.0.1", port, configuration=configuration, create_protocol=RawBareMirror)
+    client = await manager.__aenter__()
+    try:
+        assert isinstance(client, RawBareMirror)
+        client.last_lsn = last_lsn
+        client.on_entries = on_entries
+        hello = {
+            "source_cluster": CLUSTER,
+            "source_database_id": database,
+            "last_applied_lsn": 0,
+            "protocol_version": 1,
+        }
+        client._quic.send_stream_data(HANDSHAKE_STREAM_ID, _raw_frame(_RAW_HELLO, hello), True)
+        client.transmit()
+        ack = await asyncio.wait_for(client.hello_ack, 10.0)
+        if not ack.get("accepted"):
+            raise RuntimeError(f"bare handshake rejected: {ack.get('error_detail')}")
+        started = time.perf_counter()
+        stream_id = client._quic.get_next_available_stream_id()
+        client._quic.send_stream_data(stream_id, _raw_frame(_RAW_SUBSCRIBE, {"from_lsn": 1}))
+        client.transmit()
+        finished = await asyncio.wait_for(client.done, 300.0)
+        return finished - started
+    finally:
+        await manager.__aexit__(None, None, None)

@@ -47,6 +47,9 @@ class Sizes:
     scale_source_in_process: bool = False
     profile: bool = False  # figure 4: cProfile the QUIC loop thread while the links connect
     connect_breakdown_reps: int = 60  # figure 1b: rotations of (ours, bare) x (plain, timed)
+    # figure 2p: (entries, bytes per entry) per workload, and repetitions of each side
+    process_replication: tuple[tuple[int, int], ...] = ((60_000, 256), (8_000, 4096))
+    process_replication_reps: int = 5
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -54,6 +57,8 @@ class Sizes:
             reps=3,
             connect_reps=5,
             connect_breakdown_reps=5,
+            process_replication=((3_000, 256), (400, 4096)),
+            process_replication_reps=3,
             replication_entries=3_000,
             replication_entry_bytes=256,
             replication_reps=3,

@@ -24,6 +24,7 @@ from .scenarios import (
     detection,
     mailbox,
     replication,
+    replication_process,
     scale,
     timers,
 )
@@ -34,6 +35,7 @@ FIGURES: dict[str, tuple[str, Scenario]] = {
     "1": ("1 connect", connect.run),
     "1b": ("1b connect breakdown", connect_breakdown.run),
     "2": ("2 replication", replication.run),
+    "2p": ("2p replication, source process", replication_process.run),
     "3": ("3 mailbox", mailbox.run),
     "4": ("4 scale (+5a restart timers)", scale.run),
     "5": ("5 timers", timers.run),
@@ -143,7 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="figure 4: cProfile the QUIC loop thread during the first connect (printed)",
+        help=(
+            "figure 4: cProfile the QUIC loop thread during the first connect; figure 2p: "
+            "cProfile every thread of ours for one 256 B memory-store run from the raw source "
+            "(both printed)"
+        ),
     )
     parser.add_argument(
         "--switch-interval",
@@ -175,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if row["extra"].get("loop_profile"):
             print(f"\nQUIC loop thread profile ({row['metric']}):\n{row['extra']['loop_profile']}")
+        if row["extra"].get("mirror_profile"):
+            print(
+                f"\nprofile of ours, every thread ({row['figure']}):\n{row['extra']['mirror_profile']}"
+            )
     print()
     print(document["table"])
     info = document["machine"]

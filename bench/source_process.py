@@ -97,3 +97,54 @@ class SourceProcess:
             self._process.kill()
         self._process.join(10.0)
         self._pipe.close()
+
+
+def serve_filled(
+    pipe: Connection,
+    cluster: str,
+    certfile: str,
+    keyfile: str,
+    database: str,
+    count: int,
+    entry_bytes: int,
+    cap: int | None,
+) -> None:
+    """Child target (``raw_source.ChildSource``): our ``SourceServer`` over a store pre-filled
+    with ``count`` entries of ``entry_bytes``; answers ``"connections"`` and ``"stop"``."""
+    from loguru import logger
+
+    from mirror_actors.source.log import SourceStore
+    from mirror_actors.source.server import SourceServer
+
+    from .raw_source import entry_payload
+
+    logger.remove()
+    logging.getLogger("quic").setLevel(logging.ERROR)
+    store = SourceStore([database])
+    data = entry_payload(entry_bytes)
+    log = store[database]
+    for _ in range(count):
+        log.append(data)
+    server = SourceServer(
+        cluster,
+        [database],
+        certfile=certfile,
+        keyfile=keyfile,
+        store=store,
+        flow_control_cap=cap,
+    ).start()
+    pipe.send(server.port)
+    while True:
+        try:
+            command = pipe.recv()
+        except (EOFError, OSError):
+            command = "stop"
+        if command == "connections":
+            pipe.send(len(server.connections()))
+            continue
+        server.stop()
+        try:
+            pipe.send("stopped")
+        except OSError:
+            pass
+        return

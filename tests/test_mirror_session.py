@@ -14,6 +14,7 @@ import ast
 from pathlib import Path
 from typing import TypeVar
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -347,7 +348,12 @@ def test_entries_with_gaps_or_going_backwards_within_a_frame_are_malformed(
     lsns: list[int], words: str
 ) -> None:
     source = established()
-    source.send(STREAM, Entries([Entry(lsn, 1, b"x") for lsn in lsns]))
+    # An ``Entries`` frame holds consecutive LSNs by construction: the bad frame is
+    # encoded by hand, as a broken source would.
+    payload = msgpack.packb(
+        {"entries": [{"lsn": lsn, "term": 1, "data": b"x"} for lsn in lsns]}, use_bin_type=True
+    )
+    source.send(STREAM, HEADER.pack(FrameType.ENTRIES, len(payload)) + payload)
     error = assert_closed_with(source, ErrorCode.MALFORMED, MalformedFrame)
     assert "contiguous and increasing" in str(error) and words in str(error)
     assert source.stream_errors() == {STREAM: error}

@@ -376,7 +376,9 @@ class LinkConnection:
     def _on_event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
             self.bytes_in += len(event.data)
-            self._apply(self.session.stream_data(event.stream_id, event.data, event.end_stream))
+            actions = self.session.stream_data(event.stream_id, event.data, event.end_stream)
+            if actions:
+                self._apply(actions)
         elif isinstance(event, events.StreamReset):
             self._apply(self.session.stream_reset(event.stream_id, event.error_code))
         elif isinstance(event, events.HandshakeCompleted):

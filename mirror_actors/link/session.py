@@ -275,6 +275,8 @@ class MirrorSession:
         except MalformedFrame as error:
             # Without its traceback: that would keep this call's data alive with the error.
             return self._violation(error.with_traceback(None))
+        if not frames:
+            return []  # the middle of a frame: the common case for large ones
         actions: list[Action] = []
         good: list[tuple[Frame, int]] = []
         for frame, payload_size in frames:

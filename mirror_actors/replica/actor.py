@@ -481,7 +481,7 @@ class MirrorDatabase(Supervisor):
                 self._snapshots_installed += 1
                 self._replica_log.info("installed the snapshot at LSN {}", self._cursor.applied_lsn)
             elif not isinstance(commit, ResetReplica):
-                self._entries_applied += len(commit.entries)
+                self._entries_applied += len(commit.batch)
 
     def _fail_link(self, error: MirrorError, stream: LinkStream) -> None:
         link = self._link

@@ -13,12 +13,20 @@ here touches a socket, a thread or a store.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NoReturn
 
 from attrs import define, field, frozen
 
 from mirror_actors.replica.spool import MemorySpool, SnapshotSpool
 from mirror_actors.wire.errors import HistoryDiverged, MalformedFrame, SnapshotTooLarge
-from mirror_actors.wire.frames import Entries, Entry, Frame, SnapshotChunk
+from mirror_actors.wire.frames import (
+    Entries,
+    Entry,
+    EntryBatch,
+    Frame,
+    SnapshotChunk,
+    as_entry_batch,
+)
 from mirror_actors.wire.snapshot import SnapshotDecoder, crc32c
 
 
@@ -28,15 +36,25 @@ class ReplicationError(MalformedFrame):
 
 @frozen
 class ApplyEntries:
-    entries: tuple[Entry, ...]
+    """Append a run of consecutive entries (one batch per ENTRIES frame, no object per entry)."""
+
+    batch: EntryBatch = field(converter=as_entry_batch)
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return self.batch.entries()
+
+    @property
+    def first_lsn(self) -> int:
+        return self.batch.first_lsn
 
     @property
     def last_lsn(self) -> int:
-        return self.entries[-1].lsn
+        return self.batch.last_lsn
 
     @property
     def last_term(self) -> int:
-        return self.entries[-1].term
+        return self.batch.last_term
 
 
 @frozen
@@ -319,24 +337,35 @@ class ReplicationCursor:
             raise ReplicationError(
                 f"{kind}: ENTRIES start at LSN {frame.first_lsn}, expected {expected}"
             )
+        batch = frame.batch
+        terms = batch.terms
         previous = self.accepted_term
-        for entry in frame.entries:
-            if entry.term < previous:
-                if entry.lsn == self._subscribed_after + 1:
+        # Terms never go down: checked on the whole batch at C speed (one term
+        # throughout is a count; otherwise a sorted list sorts in one pass); only a
+        # batch that fails is walked to say where.
+        first, last = terms[0], terms[-1]
+        if first < previous or (
+            terms.count(first) != len(terms) if first == last else list(terms) != sorted(terms)
+        ):
+            self._term_went_down(batch, previous)
+        self.accepted_lsn = batch.last_lsn
+        self.accepted_term = terms[-1]
+        self.highest_seen_lsn = max(self.highest_seen_lsn, batch.last_lsn)
+        return ApplyEntries(batch)
+
+    def _term_went_down(self, batch: EntryBatch, previous: int) -> NoReturn:
+        for lsn, term, _ in batch.rows():
+            if term < previous:
+                if lsn == self._subscribed_after + 1:
                     # Right after what this replica held when it subscribed: the
                     # source's entry there cannot have our term (terms never go down).
                     raise HistoryDiverged(
-                        f"the source's entry {entry.lsn} has term {entry.term}, below term "
+                        f"the source's entry {lsn} has term {term}, below term "
                         f"{previous} of this replica's entry {self._subscribed_after}",
                         lsn=self._subscribed_after,
                         mirror_term=previous,
                         source_term=None,
                     )
-                raise ReplicationError(
-                    f"term goes down at LSN {entry.lsn}: {entry.term} after {previous}"
-                )
-            previous = entry.term
-        self.accepted_lsn = frame.last_lsn
-        self.accepted_term = previous
-        self.highest_seen_lsn = max(self.highest_seen_lsn, frame.last_lsn)
-        return ApplyEntries(frame.entries)
+                raise ReplicationError(f"term goes down at LSN {lsn}: {term} after {previous}")
+            previous = term
+        raise AssertionError("called for a batch whose terms never go down")

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from mirror_actors.replica.cursor import Commit, InstallSnapshot, ResetReplica
 from mirror_actors.replica.spool import FileSpool, SnapshotSpool, StoreFailure, StoreUnusable
-from mirror_actors.wire.frames import Entry
+from mirror_actors.wire.frames import Entry, EntryBatch
 
 
 def entries_digest(entries: Iterable[Entry]) -> str:
@@ -55,51 +55,62 @@ class ReplicaStore(Protocol):
 
 
 class MemoryReplicaStore:
-    """For tests and demos: gone with the process (snapshots spool to a temporary file)."""
+    """For tests and demos: gone with the process (snapshots spool to a temporary file).
+
+    Entries are kept as the batches they came in (one per ENTRIES frame), so a
+    commit appends a few references instead of an object per entry.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: list[Entry] = []
+        self._batches: list[EntryBatch] = []
         self._applied = 0
+        self._applied_term = 0
         self.snapshot_lsn: int | None = None
 
     def last_applied_lsn(self) -> int:
         return self._applied
 
     def last_applied_term(self) -> int:
-        with self._lock:
-            return self._entries[-1].term if self._entries else 0
+        return self._applied_term
 
     def snapshot_spool(self) -> SnapshotSpool:
         return FileSpool()
 
     def commit(self, commits: Sequence[Commit]) -> None:
         with self._lock:
-            # Work on copies and swap at the end: all or nothing, like SQLite.
-            entries = list(self._entries)
-            applied = self._applied
-            snapshot_lsn = self.snapshot_lsn
+            # Staged and applied at the end: all or nothing, like SQLite.
+            staged: list[EntryBatch] = []
+            replace = False
+            applied, term, snapshot_lsn = self._applied, self._applied_term, self.snapshot_lsn
             for commit in commits:
                 if isinstance(commit, ResetReplica):
-                    entries, applied, snapshot_lsn = [], 0, None
+                    staged, replace = [], True
+                    applied, term, snapshot_lsn = 0, 0, None
                     continue
                 if isinstance(commit, InstallSnapshot):
-                    entries = list(commit.entries())
+                    staged, replace = [EntryBatch.of(commit.entries())], True
                     snapshot_lsn = applied = commit.snapshot_lsn
+                    term = commit.last_term
                     continue
-                if not commit.entries:
+                if not commit.batch.payloads:
                     raise ValueError("an ApplyEntries commit must carry entries")
-                if commit.entries[0].lsn != applied + 1:
+                if commit.first_lsn != applied + 1:
                     raise ValueError(
-                        f"entries from LSN {commit.entries[0].lsn} do not follow LSN {applied}"
+                        f"entries from LSN {commit.first_lsn} do not follow LSN {applied}"
                     )
-                entries.extend(commit.entries)
-                applied = commit.last_lsn
-            self._entries, self._applied, self.snapshot_lsn = entries, applied, snapshot_lsn
+                staged.append(commit.batch)
+                applied, term = commit.last_lsn, commit.last_term
+            if replace:
+                self._batches = staged
+            else:
+                self._batches.extend(staged)
+            self._applied, self._applied_term, self.snapshot_lsn = applied, term, snapshot_lsn
 
     def entries(self) -> list[Entry]:
         with self._lock:
-            return list(self._entries)
+            batches = list(self._batches)
+        return [entry for batch in batches for entry in batch.entries()]
 
     def close(self) -> None:
         pass
@@ -258,7 +269,7 @@ class SqliteReplicaStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             for commit in commits:
-                rows: Iterable[Entry]
+                rows: Iterable[tuple[int, int, bytes]]
                 if isinstance(commit, ResetReplica):
                     db.execute("DELETE FROM entries")
                     db.execute("DELETE FROM snapshot")
@@ -271,13 +282,12 @@ class SqliteReplicaStore:
                         "INSERT OR REPLACE INTO snapshot VALUES (1, ?, ?)",
                         (to_sqlite(commit.snapshot_lsn), b""),
                     )
-                    rows = commit.entries()
+                    rows = (
+                        (to_sqlite(e.lsn), to_sqlite(e.term), e.data) for e in commit.entries()
+                    )
                 else:
-                    rows = commit.entries
-                db.executemany(
-                    "INSERT INTO entries VALUES (?, ?, ?)",
-                    ((to_sqlite(e.lsn), to_sqlite(e.term), e.data) for e in rows),
-                )
+                    rows = _sqlite_rows(commit.batch)
+                db.executemany("INSERT INTO entries VALUES (?, ?, ?)", rows)
                 applied, term = commit.last_lsn, commit.last_term
             db.execute("UPDATE state SET last_applied_lsn = ?", (to_sqlite(applied),))
             db.execute("COMMIT")
@@ -293,6 +303,13 @@ class SqliteReplicaStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _sqlite_rows(batch: EntryBatch) -> Iterable[tuple[int, int, bytes]]:
+    """The batch's rows as SQLite keeps them; as they are when every value is below 2^63."""
+    if batch.last_lsn < _I64_LIMIT and max(batch.terms) < _I64_LIMIT:
+        return batch.rows()
+    return ((to_sqlite(lsn), to_sqlite(term), data) for lsn, term, data in batch.rows())
 
 
 def _check_schema(db: sqlite3.Connection, path: str) -> None:

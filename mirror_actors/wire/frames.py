@@ -8,9 +8,9 @@ touches a socket, a thread or a clock.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import IntEnum
-from typing import Any, ClassVar, Final, TypeAlias
+from typing import Any, ClassVar, Final, NoReturn, TypeAlias
 
 import msgpack
 from attrs import field, frozen
@@ -222,27 +222,103 @@ class Entry:
     data: bytes
 
 
-def _entry_tuple(entries: Iterable[Entry]) -> tuple[Entry, ...]:
-    return tuple(entries)
+@frozen
+class EntryBatch:
+    """Contiguous entries ``first_lsn``.. as parallel tuples: one object per frame, not per entry.
+
+    What a replica applies is a run of consecutive LSNs, so the LSNs need not be
+    kept one by one; terms and payloads stay as the decoder produced them.
+    """
+
+    first_lsn: int
+    terms: tuple[int, ...]
+    payloads: tuple[bytes, ...]
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.terms) != len(self.payloads):
+            raise ValueError(
+                f"an entry batch needs one term per payload, got {len(self.terms)} terms "
+                f"for {len(self.payloads)} payloads"
+            )
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry]) -> EntryBatch:
+        """The batch of ``entries``, which must have consecutive LSNs (ValueError if not)."""
+        entries = tuple(entries)
+        first = entries[0].lsn if entries else 1
+        for offset, entry in enumerate(entries):
+            if entry.lsn != first + offset:
+                raise ValueError(
+                    f"entries must have consecutive LSNs: entry {offset} has LSN {entry.lsn}, "
+                    f"expected {first + offset}"
+                )
+        return cls(
+            first, tuple(entry.term for entry in entries), tuple(entry.data for entry in entries)
+        )
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    @property
+    def last_lsn(self) -> int:
+        """The LSN of the last entry (``first_lsn - 1`` for an empty batch)."""
+        return self.first_lsn + len(self.payloads) - 1
+
+    @property
+    def last_term(self) -> int:
+        return self.terms[-1] if self.terms else 0
+
+    def rows(self) -> Iterator[tuple[int, int, bytes]]:
+        """``(lsn, term, data)`` per entry, without building an ``Entry`` each."""
+        return zip(
+            range(self.first_lsn, self.first_lsn + len(self.payloads)),
+            self.terms,
+            self.payloads,
+            strict=True,
+        )
+
+    def entries(self) -> tuple[Entry, ...]:
+        """One ``Entry`` per entry: for tests and tools, not the hot path."""
+        return tuple(Entry(lsn, term, data) for lsn, term, data in self.rows())
+
+
+def as_entry_batch(entries: EntryBatch | Iterable[Entry]) -> EntryBatch:
+    """``entries`` as a batch: a batch as it is, ``Entry`` objects with consecutive LSNs packed."""
+    if isinstance(entries, EntryBatch):
+        return entries
+    return EntryBatch.of(entries)
+
+
+_U64_LIMIT: Final = 1 << 64
 
 
 @frozen
 class Entries:
+    """An ENTRIES frame: held as one ``EntryBatch`` (built from ``Entry`` objects or a batch)."""
+
     TYPE: ClassVar[FrameType] = FrameType.ENTRIES
-    entries: tuple[Entry, ...] = field(converter=_entry_tuple)
+    batch: EntryBatch = field(converter=as_entry_batch)
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return self.batch.entries()
 
     @property
     def first_lsn(self) -> int:
-        return self.entries[0].lsn
+        return self.batch.first_lsn
 
     @property
     def last_lsn(self) -> int:
-        return self.entries[-1].lsn
+        return self.batch.last_lsn
 
     def to_payload(self) -> dict[str, Any]:
-        if not self.entries:
+        if not self.batch.payloads:
             raise ValueError("ENTRIES must carry at least one entry")
-        return {"entries": [{"lsn": e.lsn, "term": e.term, "data": e.data} for e in self.entries]}
+        return {
+            "entries": [
+                {"lsn": lsn, "term": term, "data": data} for lsn, term, data in self.batch.rows()
+            ]
+        }
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> Entries:
@@ -255,26 +331,48 @@ class Entries:
             )
         if not items:
             raise MalformedFrame("ENTRIES must carry at least one entry")
-        entries = []
+        # The hot path of replication: a few type checks per entry and two appends,
+        # no object per entry. Any entry that fails them is checked again the slow
+        # way, which names the problem.
+        terms: list[int] = []
+        payloads: list[bytes] = []
+        add_term, add_payload = terms.append, payloads.append
+        first = items[0].get("lsn") if type(items[0]) is dict else None
+        if type(first) is not int or not 0 <= first < _U64_LIMIT:
+            _entry_problem(0, items[0], None)
+        expected = first
         for index, item in enumerate(items):
-            where = f"ENTRIES entry {index}"
             if type(item) is not dict:
-                raise MalformedFrame(f"{where} must be a map, got {_describe(item)}")
-            entries.append(
-                Entry(
-                    _take(where, item, "lsn", "u64"),
-                    _take(where, item, "term", "u64"),
-                    _take(where, item, "data", "bin"),
-                )
-            )
-        first = entries[0].lsn
-        for offset, entry in enumerate(entries):
-            if entry.lsn != first + offset:
-                raise MalformedFrame(
-                    f"ENTRIES LSNs must be contiguous and increasing: entry {offset} has LSN "
-                    f"{entry.lsn}, expected {first + offset}"
-                )
-        return cls(entries)
+                _entry_problem(index, item, expected)
+            lsn = item.get("lsn")
+            term = item.get("term")
+            data = item.get("data")
+            if (
+                lsn != expected
+                or type(lsn) is not int
+                or type(term) is not int
+                or not 0 <= term < _U64_LIMIT
+                or type(data) is not bytes
+            ):
+                _entry_problem(index, item, expected)
+            add_term(term)
+            add_payload(data)
+            expected += 1
+        return cls(EntryBatch(first, tuple(terms), tuple(payloads)))
+
+
+def _entry_problem(index: int, item: object, expected: int | None) -> NoReturn:
+    """Raise the ``MalformedFrame`` that says what is wrong with ENTRIES entry ``index``."""
+    where = f"ENTRIES entry {index}"
+    if type(item) is not dict:
+        raise MalformedFrame(f"{where} must be a map, got {_describe(item)}")
+    lsn = _take(where, item, "lsn", "u64")
+    _take(where, item, "term", "u64")
+    _take(where, item, "data", "bin")
+    raise MalformedFrame(
+        f"ENTRIES LSNs must be contiguous and increasing: entry {index} has LSN {lsn}, "
+        f"expected {expected}"
+    )
 
 
 @frozen
@@ -437,6 +535,10 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._failure: MalformedFrame | None = None
+        # Bytes the buffer must hold before the frame whose header was read is
+        # complete (0 when no header is pending): most pieces of a large frame
+        # only need appending, not parsing.
+        self._wanted = 0
 
     @property
     def buffered(self) -> int:
@@ -474,10 +576,14 @@ class FrameDecoder:
     def _fail(self, error: MalformedFrame) -> None:
         self._failure = error
         self._buffer = bytearray()
+        self._wanted = 0
 
     def _feed(self, data: bytes) -> list[tuple[Frame, int]]:
         buffer = self._buffer
         buffer += data
+        if len(buffer) < self._wanted:
+            return []  # still inside a frame whose header was checked
+        self._wanted = 0
         frames: list[tuple[Frame, int]] = []
         position = 0
         available = len(buffer)
@@ -486,6 +592,7 @@ class FrameDecoder:
             self._check_header(frame_type, length)
             end = position + HEADER_SIZE + length
             if end > available:
+                self._wanted = end - position
                 break
             payload = bytes(buffer[position + HEADER_SIZE : end])
             frames.append((decode_payload(frame_type, payload), length))
