@@ -50,6 +50,8 @@ class Sizes:
     # figure 2p: (entries, bytes per entry) per workload, and repetitions of each side
     process_replication: tuple[tuple[int, int], ...] = ((60_000, 256), (8_000, 4096))
     process_replication_reps: int = 5
+    # figure 4s: (links, workers) of each `serve` daemon run
+    serve_scale: tuple[tuple[int, int], ...] = ((1000, 1), (1000, 2), (3000, 1), (3000, 2))
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -59,6 +61,7 @@ class Sizes:
             connect_breakdown_reps=5,
             process_replication=((3_000, 256), (400, 4096)),
             process_replication_reps=3,
+            serve_scale=((40, 1), (40, 2)),
             replication_entries=3_000,
             replication_entry_bytes=256,
             replication_reps=3,

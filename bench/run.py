@@ -26,6 +26,7 @@ from .scenarios import (
     replication,
     replication_process,
     scale,
+    scale_serve,
     timers,
 )
 
@@ -38,6 +39,7 @@ FIGURES: dict[str, tuple[str, Scenario]] = {
     "2p": ("2p replication, source process", replication_process.run),
     "3": ("3 mailbox", mailbox.run),
     "4": ("4 scale (+5a restart timers)", scale.run),
+    "4s": ("4s scale, serve daemon with workers", scale_serve.run),
     "5": ("5 timers", timers.run),
     "6": ("6 detection", detection.run),
 }
@@ -100,6 +102,28 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out) + ("\n\nnotes:\n" + "\n".join(notes) if notes else "")
 
 
+def format_markdown(rows: Sequence[Row]) -> str:
+    """The table as Markdown, for the README's performance section (``--markdown``)."""
+    lines = [
+        "| figure | metric | ours (median) | baseline | ratio | target | met? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.ours is None and row.metric.startswith("profile"):
+            continue  # a row that only carries a profile, printed above the table
+        ratio = row.ratio
+        met = row.met
+        ours = f"{_number(row.ours.median)} {row.unit}" if row.ours is not None else "failed"
+        baseline = _number(row.baseline.median) if row.baseline is not None else ""
+        lines.append(
+            f"| {row.figure} | {row.metric} | {ours} | {baseline} | "
+            f"{f'{ratio:.2f}x' if ratio is not None else ''} | "
+            f"{row.target.describe(row.unit).replace('-', '')} | "
+            f"{'' if met is None else ('yes' if met else '**no**')} |"
+        )
+    return "\n".join(lines)
+
+
 def run_suite(
     sizes: Sizes, only: Sequence[str] | None = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -128,6 +152,7 @@ def run_suite(
         "seconds": {"total": time.monotonic() - started, **timings},
         "rows": [row.to_json() for row in rows],
         "table": format_table(rows),
+        "markdown": format_markdown(rows),
     }
 
 
@@ -136,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--only", help="comma-separated figure numbers, e.g. 1,3")
+    parser.add_argument(
+        "--markdown", action="store_true", help="also print the table as Markdown (the README's)"
+    )
     parser.add_argument("--links", type=int, help="override the number of links of figure 4")
     parser.add_argument(
         "--scale-source-in-process",
@@ -193,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"GIL switch interval {info['switch_interval'] * 1000:g} ms; "
         f"total {document['seconds']['total']:.0f} s"
     )
+    if args.markdown:
+        print("\n" + document["markdown"])
     if args.json is not None:
         args.json.write_text(json.dumps(document, indent=2, default=str))
         print(f"wrote {args.json}")

@@ -8,7 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-FIGURES = ("1 connect", "2 replication", "3 mailbox", "4 scale", "5 timers", "6 detection")
+FIGURES = (
+    "1 connect",
+    "2 replication",
+    "2p replication, source process",
+    "3 mailbox",
+    "4 scale",
+    "4s scale, serve daemon with workers",
+    "5 timers",
+    "6 detection",
+)
 ROOT = Path(__file__).resolve().parent.parent
 
 

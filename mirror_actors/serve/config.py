@@ -6,6 +6,7 @@ name = "eu-mirror"              # required: bound into every log record and metr
 data_dir = "var/mirror"         # required: one SQLite replica per link, <cluster>/<database>.db
 http = "127.0.0.1:9464"         # optional: /metrics /status /healthz /readyz; port 0: any free
 shard = "0/1"                   # optional: follow only links whose stable hash mod n is i
+workers = 1                     # optional: worker processes the links are split over (1..256)
 
 [defaults]                      # every key may be overridden inside a [[source]]
 ca_file = "certs/ca.pem"        # required here or in every [[source]]
@@ -91,6 +92,9 @@ __all__ = [
     "parse_config",
     "parse_shard",
     "shard_of",
+    "split_links",
+    "worker_of",
+    "worker_shard",
 ]
 
 DEFAULT_STRATEGY = "backoff"
@@ -104,7 +108,8 @@ LINK_KEYS = (
     "on_divergence",
     "max_snapshot_bytes",
 )
-MIRROR_KEYS = ("name", "data_dir", "http", "shard")
+MIRROR_KEYS = ("name", "data_dir", "http", "shard", "workers")
+MAX_WORKERS = 256
 SOURCE_KEYS = ("cluster", "address", "databases", "server_name", *LINK_KEYS)
 TOP_KEYS = ("mirror", "defaults", "source")
 PATH_KEYS = ("ca_file", "client_cert_file", "client_key_file")
@@ -158,6 +163,34 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+def worker_shard(shard: Shard, index: int, workers: int) -> Shard:
+    """The links worker ``index`` of ``workers`` follows within ``shard``, as a shard itself.
+
+    ``shard_of(name, n * w) mod n == shard_of(name, n)`` (n divides n * w), so the
+    links of shard ``i/n`` are exactly those of the shards ``(i + n*k)/(n*w)`` for
+    ``k`` in ``0..w-1``: worker ``k`` follows shard ``(i + n*k)/(n*w)``.  One hash,
+    the same as ``shard``'s, and an even split even when ``w == n``.
+    """
+    if workers < 1 or not 0 <= index < workers:
+        raise ValueError(f"expected a worker index 0 <= i < {workers}, got {index}")
+    return Shard(shard.index + shard.count * index, shard.count * workers)
+
+
+def worker_of(link_name: str, shard: Shard, workers: int) -> int:
+    """Which of ``workers`` worker processes follows ``link_name`` (a link of ``shard``)."""
+    return shard_of(link_name, shard.count * workers) // shard.count
+
+
+def split_links(
+    links: Iterable[LinkSettings], shard: Shard, workers: int
+) -> tuple[tuple[LinkSettings, ...], ...]:
+    """``links`` (already the shard's) split over ``workers`` processes, file order kept."""
+    shares: list[list[LinkSettings]] = [[] for _ in range(workers)]
+    for link in links:
+        shares[worker_of(link.name, shard, workers)].append(link)
+    return tuple(tuple(share) for share in shares)
 
 
 _SHARD = re.compile(r"([0-9]{1,6})/([0-9]{1,6})")
@@ -288,6 +321,8 @@ class ServeConfig:
     http: tuple[str, int] | None
     shard: Shard
     links: tuple[LinkSettings, ...]
+    workers: int = 1
+    """Worker processes the links are split over (``[mirror] workers``; 1: this process)."""
 
     def selected(self, shard: Shard | None = None) -> tuple[LinkSettings, ...]:
         """The links ``shard`` (default: the file's own) follows, in file order."""
@@ -508,6 +543,13 @@ def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> ServeCon
         except ValueError as error:
             raise mirror.error("shard", str(error)) from None
 
+    workers = 1
+    if mirror.has("workers"):
+        what = f"a number of worker processes, 1..{MAX_WORKERS}"
+        workers = mirror.get("workers", int, what)
+        if not 1 <= workers <= MAX_WORKERS:
+            raise mirror.error("workers", f"expected {what}, got {workers}")
+
     defaults = _Table(file, "defaults", top.data.get("defaults", {}), LINK_KEYS)
     inherited = _link_options(defaults, base_dir)
     sources = top.data.get("source", [])
@@ -528,6 +570,7 @@ def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> ServeCon
         http=http,
         shard=shard,
         links=tuple(links),
+        workers=workers,
     )
 
 

@@ -17,7 +17,8 @@ Every link metric carries ``link="cluster/database"`` and ``mirror="NAME"``:
 
 and, per process, ``mirror_info{mirror, shard, version} 1`` (which shard this
 daemon is), ``mirror_links`` (links followed), ``mirror_tree_up`` (1 while the
-supervision tree runs) and ``mirror_config_reloads_total{result="ok"|"error"}``.
+supervision tree runs) and ``mirror_config_reloads_total{result="ok"|"error"}``; with
+``workers = N``, ``mirror_worker_up{worker}`` and ``mirror_worker_restarts_total{worker}``.
 
 Link values come from the latest status snapshot at scrape time, so a
 removed link's series disappear with it; the histogram is fed as dials finish.
@@ -84,6 +85,20 @@ class _SnapshotCollector(Collector):
         reloads.add_metric([mirror, "ok"], snapshot.reloads_ok)
         reloads.add_metric([mirror, "error"], snapshot.reloads_failed)
         yield reloads
+        if snapshot.workers:
+            up = GaugeMetricFamily(
+                "mirror_worker_up", "1 while the worker process runs.", labels=["worker", "mirror"]
+            )
+            restarts = CounterMetricFamily(
+                "mirror_worker_restarts",
+                "Restarts of the worker process after it died.",
+                labels=["worker", "mirror"],
+            )
+            for worker in snapshot.workers:
+                up.add_metric([str(worker.index), mirror], 1 if worker.running else 0)
+                restarts.add_metric([str(worker.index), mirror], worker.restarts)
+            yield up
+            yield restarts
 
         def family(
             kind: type[Any], name: str, doc: str, value: Callable[[LinkSnapshot], float]

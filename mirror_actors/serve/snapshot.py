@@ -58,6 +58,44 @@ class LinkSnapshot:
         }
 
 
+WORKER_RUNNING = "running"
+
+
+@frozen
+class WorkerSnapshot:
+    """One worker process of a ``workers = N`` daemon, as its parent sees it."""
+
+    index: int
+    state: str
+    """``starting``, ``running``, ``backing-off`` (restarting after it died), ``failed``
+    (it cannot start: not retried) or ``stopped``."""
+    pid: int | None = None
+    restarts: int = 0
+    links: int = 0
+    last_exit: str | None = None
+    """How the previous incarnation ended: ``exit code 1``, ``killed by SIGKILL``."""
+    last_error: str | None = None
+    next_restart_in: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == WORKER_RUNNING
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker": self.index,
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "links": self.links,
+            "last_exit": self.last_exit,
+            "last_error": self.last_error,
+            "next_restart_in": (
+                None if self.next_restart_in is None else round(self.next_restart_in, 3)
+            ),
+        }
+
+
 @frozen
 class StatusSnapshot:
     mirror: str
@@ -69,14 +107,19 @@ class StatusSnapshot:
     """The root supervisor is alive and answered the last time it was asked."""
     reloads_ok: int = 0
     reloads_failed: int = 0
+    workers: tuple[WorkerSnapshot, ...] = ()
+    """The worker processes of a ``workers = N`` daemon (empty with one process)."""
 
     def to_json(self) -> dict[str, Any]:
-        """The ``/status`` document."""
-        return {
+        """The ``/status`` document (with ``workers`` only when there are worker processes)."""
+        document: dict[str, Any] = {
             "mirror": self.mirror,
             "shard": self.shard,
             "links": [link.to_json() for link in self.links],
         }
+        if self.workers:
+            document["workers"] = [worker.to_json() for worker in self.workers]
+        return document
 
     def health(self, now: float) -> tuple[bool, dict[str, Any]]:
         """``/healthz``: (healthy, body). Unhealthy when the tree is down or a link escalated."""
@@ -90,6 +133,9 @@ class StatusSnapshot:
             problems.append(
                 f"the supervision tree has not answered for {now - self.taken_at:.0f} s"
             )
+        for worker in self.workers:
+            if not worker.running:
+                problems.append(f"worker {worker.index} is {worker.state}")
         if escalated:
             problems.append(f"{len(escalated)} link(s) escalated")
         body: dict[str, Any] = {

@@ -247,3 +247,55 @@ def test_worker_without_parent_is_a_plain_actor() -> None:
         assert ref.ask(("echo", 1), timeout=WAIT) == ("solo", 1)
     finally:
         ref.stop()
+
+
+def test_stop_concurrently_tells_every_child_at_once() -> None:
+    # Each child's on_stop waits for all the others to be stopping too: a stop
+    # that went one child at a time would leave each waiting for the barrier.
+    count = 6
+    barrier = threading.Barrier(count)
+    met: list[bool] = []
+
+    class WaitsForTheOthers(SupervisedActor):
+        def on_stop(self) -> None:
+            try:
+                barrier.wait(WAIT)
+                met.append(True)
+            except threading.BrokenBarrierError:
+                met.append(False)
+
+    root = Supervisor.start(
+        children=[
+            ChildSpec(f"c{i}", lambda p: WaitsForTheOthers.start(parent=p)) for i in range(count)
+        ],
+        clock=ManualClock(),
+        stop_concurrently=True,
+    )
+    refs = [row.ref for row in statuses(root).values()]
+    root.stop(timeout=WAIT * 2)
+    assert met == [True] * count
+    assert not any(ref is not None and ref.is_alive() for ref in refs)
+    assert pykka.ActorRegistry.get_all() == []
+
+
+def test_stop_concurrently_still_abandons_a_child_that_does_not_stop_in_time() -> None:
+    release = threading.Event()
+    probe = Probe()
+
+    class Stubborn(SupervisedActor):
+        def on_stop(self) -> None:
+            release.wait(WAIT)
+
+    root = Supervisor.start(
+        children=[
+            worker("first", probe),
+            ChildSpec("stubborn", lambda p: Stubborn.start(parent=p), stop_timeout=0.05),
+        ],
+        clock=ManualClock(),
+        stop_concurrently=True,
+    )
+    try:
+        root.stop(timeout=WAIT)
+        assert [e[1] for e in probe.of("stop")] == ["first"]
+    finally:
+        release.set()
