@@ -13,6 +13,8 @@ import struct
 import threading
 import time
 import tracemalloc
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -447,3 +449,12 @@ def child_refs(supervisor: ActorRef[Any]) -> list[ActorRef[Any]]:
 def statuses(supervisor: ActorRef[Any]) -> dict[str, ChildStatus]:
     """Also a barrier: answered only after every message told before it."""
     return {row.id: row for row in children(supervisor)}
+
+
+def http_get(url: str, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET ``url + path`` over real HTTP: (status code, body), error statuses included."""
+    try:
+        with urllib.request.urlopen(f"{url}{path}", timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()

@@ -14,7 +14,7 @@ FIGURES = (
     "2p replication, source process",
     "3 mailbox",
     "4 scale",
-    "4s scale, serve daemon with workers",
+    "4s scale, serve",
     "5 timers",
     "6 detection",
 )

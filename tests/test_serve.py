@@ -20,8 +20,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,6 +31,7 @@ from mirror_actors.pki import DevPki
 from mirror_actors.replica.stores import SqliteReplicaStore, read_replica_file
 from mirror_actors.serve.config import shard_of
 from mirror_actors.source.log import SourceStore
+from tests.helpers import http_get
 
 CLI = [sys.executable, "-m", "mirror_actors.cli"]
 WAIT = 20.0
@@ -213,11 +212,7 @@ class Daemon:
         self.data = config.parent / "data"
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
+        return http_get(self.url, path)
 
     def status(self) -> dict[str, Any]:
         code, body = self.get("/status")

@@ -18,8 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,7 +41,7 @@ from mirror_actors.serve.config import (
 from mirror_actors.serve.snapshot import LinkSnapshot, StatusSnapshot, WorkerSnapshot
 from mirror_actors.serve.workers import LinkCounts, fold_counts, merge_snapshots
 from mirror_actors.source import SourceServer, SourceStore
-from tests.helpers import CLUSTER, SLOW_WAIT, wait_until
+from tests.helpers import CLUSTER, SLOW_WAIT, http_get, wait_until
 
 CLI = [sys.executable, "-m", "mirror_actors.cli"]
 ENV = {k: v for k, v in os.environ.items() if k != "MIRROR_ACTORS_LOG"}
@@ -269,11 +267,7 @@ class Daemon:
         wait_until(found, what="the daemon's address")
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
+        return http_get(self.url, path)
 
     def status(self) -> dict[str, Any]:
         code, body = self.get("/status")

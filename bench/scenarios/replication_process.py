@@ -52,6 +52,7 @@ from loguru import logger
 from mirror_actors.link.config import LinkConfig
 from mirror_actors.replica import MemoryReplicaStore, MirrorDatabase, SqliteReplicaStore
 from mirror_actors.replica.cursor import Commit
+from mirror_actors.replica.stores import REPLICA_SCHEMA
 
 from ..baselines import BareLoop, raw_bare_replicate
 from ..common import CLUSTER, INFO, Env, Row, Sizes, Stat, Target
@@ -176,23 +177,12 @@ def _ours(setup: _Setup) -> float:
 
 # -- bare: aioquic, msgpack, and for SQLite the same executemany ------------------------
 
-# As mirror_actors/replica/stores.py's SqliteReplicaStore (copied, not imported: private).
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (lsn INTEGER PRIMARY KEY, term INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), lsn INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS state (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    source TEXT NOT NULL,
-    last_applied_lsn INTEGER NOT NULL
-);
-"""
-
 
 def _bare_sqlite(path: Path) -> tuple[sqlite3.Connection, Callable[[list[dict[str, Any]]], None]]:
     db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5.0)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(_SCHEMA)
+    db.executescript(REPLICA_SCHEMA)  # the same tables as SqliteReplicaStore
     db.execute("INSERT INTO state VALUES (1, ?, 0)", (f"{CLUSTER}/{DATABASE}",))
 
     def apply(entries: list[dict[str, Any]]) -> None:

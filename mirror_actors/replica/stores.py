@@ -116,7 +116,8 @@ class MemoryReplicaStore:
         pass
 
 
-_SCHEMA = """
+# The replica file's tables (public: the bench's bare baseline writes the same).
+REPLICA_SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (lsn INTEGER PRIMARY KEY, term INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), lsn INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS state (
@@ -205,7 +206,7 @@ class SqliteReplicaStore:
             # WAL with synchronous=NORMAL survives a killed process; FULL would
             # also survive power loss at the cost of an fsync per commit.
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
+            db.executescript(REPLICA_SCHEMA)
             row = db.execute("SELECT source, last_applied_lsn FROM state").fetchone()
             if row is None:
                 db.execute("INSERT INTO state VALUES (1, ?, 0)", (source,))
