@@ -67,8 +67,9 @@ class Supervisor(SupervisedActor):
 
     `Supervisor.start(strategy=..., children=[ChildSpec(...)], clock=None,
     on_escalation=None, parent=None, name=None, stash_limit=100, stop_timeout=5.0,
-    stop_concurrently=False)`: with `stop_concurrently` every child is told to stop at
-    once when the supervisor stops (for independent children; OTP's reverse order otherwise).
+    stop_concurrently=False)`: with `stop_concurrently`, children stopped together (at
+    shutdown, or the siblings of a one-for-all restart) are all told at once and
+    waited for together (for independent children; OTP's reverse order otherwise).
     A supervisor is itself a `SupervisedActor`, so a ChildSpec whose start is
     `lambda parent: Supervisor.start(..., parent=parent)` nests it in a tree.
 
