@@ -152,7 +152,10 @@ def test_stopping_stops_children_in_reverse_start_order_including_subtrees() -> 
     assert pykka.ActorRegistry.get_all() == []
 
 
-def test_a_child_that_does_not_stop_in_time_does_not_hold_the_supervisor() -> None:
+@pytest.mark.parametrize("concurrently", [False, True], ids=["in-order", "concurrent"])
+def test_a_child_that_does_not_stop_in_time_does_not_hold_the_supervisor(
+    concurrently: bool,
+) -> None:
     release = threading.Event()
     probe = Probe()
 
@@ -166,6 +169,7 @@ def test_a_child_that_does_not_stop_in_time_does_not_hold_the_supervisor() -> No
             ChildSpec("stubborn", lambda p: Stubborn.start(parent=p), stop_timeout=0.05),
         ],
         clock=ManualClock(),
+        stop_concurrently=concurrently,
     )
     try:
         root.stop(timeout=WAIT)
@@ -276,26 +280,3 @@ def test_stop_concurrently_tells_every_child_at_once() -> None:
     assert met == [True] * count
     assert not any(ref is not None and ref.is_alive() for ref in refs)
     assert pykka.ActorRegistry.get_all() == []
-
-
-def test_stop_concurrently_still_abandons_a_child_that_does_not_stop_in_time() -> None:
-    release = threading.Event()
-    probe = Probe()
-
-    class Stubborn(SupervisedActor):
-        def on_stop(self) -> None:
-            release.wait(WAIT)
-
-    root = Supervisor.start(
-        children=[
-            worker("first", probe),
-            ChildSpec("stubborn", lambda p: Stubborn.start(parent=p), stop_timeout=0.05),
-        ],
-        clock=ManualClock(),
-        stop_concurrently=True,
-    )
-    try:
-        root.stop(timeout=WAIT)
-        assert [e[1] for e in probe.of("stop")] == ["first"]
-    finally:
-        release.set()
