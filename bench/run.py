@@ -156,6 +156,17 @@ def run_suite(
     }
 
 
+def _serve_scale(text: str) -> tuple[tuple[int, int], ...]:
+    """``1000x1,3000x2`` -> ((1000, 1), (3000, 2)); argparse turns ValueError into a usage error."""
+    configurations = []
+    for part in text.split(","):
+        links, _, workers = part.strip().partition("x")
+        configurations.append((int(links), int(workers or "1")))
+        if configurations[-1][0] < 1 or configurations[-1][1] < 1:
+            raise ValueError(f"links and workers must be at least 1: {part!r}")
+    return tuple(configurations)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -165,6 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--markdown", action="store_true", help="also print the table as Markdown (the README's)"
     )
     parser.add_argument("--links", type=int, help="override the number of links of figure 4")
+    parser.add_argument(
+        "--serve-scale",
+        type=_serve_scale,
+        metavar="LINKSxWORKERS,...",
+        help="figure 4s: the configurations to run, e.g. 1000x1,1000x2 (default: 1,000 and "
+        "3,000 links with 1 and 2 workers)",
+    )
     parser.add_argument(
         "--scale-source-in-process",
         action="store_true",
@@ -194,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = Sizes.quick() if args.quick else Sizes.full()
     if args.links is not None:
         sizes = replace(sizes, scale_links=args.links)
+    if args.serve_scale is not None:
+        sizes = replace(sizes, serve_scale=args.serve_scale)
     if args.profile:
         sizes = replace(sizes, profile=True)
     if args.scale_source_in_process:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -57,6 +58,11 @@ from supervisors.supervised import SupervisedActor
 
 DEFAULT_STASH_LIMIT = 100
 DEFAULT_STOP_TIMEOUT = 5.0
+CONCURRENT_STOP_WINDOW = 32
+"""With ``stop_concurrently``, how many children are told to stop at once; the next is
+told as the oldest finishes. Telling a thousand at once makes a thousand threads
+runnable together, and their GIL hand-offs cost more than the stops themselves
+(1,000 serve links: 2.1 s all at once, 1.3 s with a window of 16 to 64)."""
 
 StrategyLike = SupervisorStrategy | Callable[[Failure], Directive] | None
 EscalationHandler = Callable[[EscalationEvent], None]
@@ -68,8 +74,9 @@ class Supervisor(SupervisedActor):
     `Supervisor.start(strategy=..., children=[ChildSpec(...)], clock=None,
     on_escalation=None, parent=None, name=None, stash_limit=100, stop_timeout=5.0,
     stop_concurrently=False)`: with `stop_concurrently`, children stopped together (at
-    shutdown, or the siblings of a one-for-all restart) are all told at once and
-    waited for together (for independent children; OTP's reverse order otherwise).
+    shutdown, or the siblings of a one-for-all restart) are told in a window of
+    `CONCURRENT_STOP_WINDOW` at once and waited for together (for independent
+    children; OTP's reverse order, one at a time, otherwise).
     A supervisor is itself a `SupervisedActor`, so a ChildSpec whose start is
     `lambda parent: Supervisor.start(..., parent=parent)` nests it in a tree.
 
@@ -96,8 +103,8 @@ class Supervisor(SupervisedActor):
         super().__init__(parent=parent)
         # OTP's order (reverse start order, one child at a time) by default: a
         # child may depend on one started before it. Children known to be
-        # independent (a daemon's links) can all be told at once, so stopping a
-        # thousand takes the slowest one's time, not the sum of them all.
+        # independent (a daemon's links) are told many at once, so stopping a
+        # thousand does not take the sum of all their times.
         self._stop_concurrently = stop_concurrently
         self.strategy = as_strategy(strategy)
         self.policy = policy_of(self.strategy)
@@ -436,9 +443,9 @@ class Supervisor(SupervisedActor):
         self, records: list[ChildRecord], state: ChildState = ChildState.STOPPED
     ) -> None:
         """Stop in reverse start order, each within its timeout (all at once if concurrent)."""
-        order = list(self._records.values())
-        stopping: list[tuple[ChildRecord, Future[bool], float]] = []
-        for record in sorted(records, key=order.index, reverse=True):
+        position = {child_id: index for index, child_id in enumerate(self._records)}
+        stopping: deque[tuple[ChildRecord, Future[bool], float]] = deque()
+        for record in sorted(records, key=lambda r: position.get(r.id, -1), reverse=True):
             ref = record.ref
             # Forget the ref first: the exit notice the child sends while
             # stopping must not look like a failure.
@@ -447,23 +454,26 @@ class Supervisor(SupervisedActor):
             if ref is None or not ref.is_alive():
                 continue
             timeout = record.spec.stop_timeout or self._stop_timeout
-            if self._stop_concurrently:
-                stopping.append((record, ref.stop(block=False), timeout))
+            if not self._stop_concurrently:
+                try:
+                    ref.stop(block=True, timeout=timeout)
+                except pykka.Timeout:
+                    self._abandoned(record, timeout)
                 continue
-            try:
-                ref.stop(block=True, timeout=timeout)
-            except pykka.Timeout:
-                self._abandoned(record, timeout)
-        if not stopping:
-            return
-        began = time.monotonic()
-        for record, stopped, timeout in stopping:
-            try:
-                stopped.get(timeout=max(0.0, began + timeout - time.monotonic()))
-            except pykka.Timeout:
-                self._abandoned(record, timeout)
-            except ActorDeadError:
-                pass  # it was already stopping: gone either way
+            if len(stopping) >= CONCURRENT_STOP_WINDOW:
+                self._await_stopped(stopping.popleft())
+            stopping.append((record, ref.stop(block=False), time.monotonic() + timeout))
+        while stopping:
+            self._await_stopped(stopping.popleft())
+
+    def _await_stopped(self, stopping: tuple[ChildRecord, Future[bool], float]) -> None:
+        record, stopped, deadline = stopping
+        try:
+            stopped.get(timeout=max(0.0, deadline - time.monotonic()))
+        except pykka.Timeout:
+            self._abandoned(record, record.spec.stop_timeout or self._stop_timeout)
+        except ActorDeadError:
+            pass  # it was already stopping: gone either way
 
     def _abandoned(self, record: ChildRecord, timeout: float) -> None:
         self._log.bind(child=record.id).warning("did not stop within {} s; abandoning it", timeout)

@@ -15,13 +15,14 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pykka
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror_actors.link.state import LinkState, LinkStatus
-from mirror_actors.replica.actor import GetReplicaStatus, ReplicaStatus
-from mirror_actors.serve.collector import StatusCollector, TreeView, _Counter
+from mirror_actors.replica.actor import ReplicaStatus
+from mirror_actors.serve.collector import StatusBoard, StatusCollector, TreeView, _Counter, aged
 from mirror_actors.serve.http import StatusHttpServer
 from mirror_actors.serve.metrics import MirrorMetrics
 from mirror_actors.serve.snapshot import LinkSnapshot, StatusSnapshot
@@ -220,16 +221,13 @@ def _child(name: str, ref: Any, state: ChildState = ChildState.RUNNING, restarts
     return ChildStatus(name, state, ref, RestartType.PERMANENT, restarts, 0, error, None, 1.0)
 
 
-class FakeReplica(pykka.ThreadingActor):
-    def __init__(self, status: ReplicaStatus, delay: float = 0.0) -> None:
-        super().__init__()
-        self.status = status
-        self.delay = delay
+class Idle(pykka.ThreadingActor):
+    """A live actor standing in for a replica: the collector never asks it anything."""
+
+    received: list[Any] = []
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, GetReplicaStatus):
-            time.sleep(self.delay)
-            return self.status
+        Idle.received.append(message)
         return None
 
 
@@ -253,22 +251,28 @@ def _replica_status(name: str, attempts: int, applied: int, seen: int) -> Replic
     )  # fmt: skip
 
 
-def test_the_collector_reads_the_tree_and_a_slow_replica_keeps_its_last_values() -> None:
-    fast = FakeReplica.start(_replica_status("us-east/orders", 2, 40, 42))
-    slow = FakeReplica.start(_replica_status("eu-west/orders", 1, 9, 9), delay=0.0)
+def test_the_collector_reads_the_tree_and_the_board_and_asks_no_replica() -> None:
+    fast, quiet, gone = Idle.start(), Idle.start(), Idle.start()
+    board = StatusBoard()
+    board.poster("us-east/orders")(fast.actor_urn, _replica_status("us-east/orders", 2, 40, 42))
+    board.poster("eu-west/orders")(quiet.actor_urn, _replica_status("eu-west/orders", 1, 9, 9))
+    # Posted by an earlier incarnation of the replica: not this actor's status.
+    board.poster("us-west/orders")("urn:earlier", _replica_status("us-west/orders", 5, 1, 1))
     children = [
         _child("us-east/orders", fast),
-        _child("eu-west/orders", slow),
+        _child("eu-west/orders", quiet),
+        _child("us-west/orders", gone),
         _child(
             "us-east/ledger", None, ChildState.FAILED, error=UnknownDatabase("us-east", "ledger")
         ),
         _child("ap-south/x", None, ChildState.RESTARTING, restarts=2, error=TransportError("boom")),
     ]
     root = FakeRoot.start(children)
-    names = ("us-east/orders", "eu-west/orders", "us-east/ledger", "ap-south/x", "new/link")
+    names = ("us-east/orders", "eu-west/orders", "us-west/orders", "us-east/ledger",
+             "ap-south/x", "new/link")  # fmt: skip
     view = TreeView(mirror="m", shard="0/1", root=root, links=names,
                     escalations={"us-east/ledger": "unknown database 'ledger'"})  # fmt: skip
-    collector = StatusCollector(lambda: view, ask_timeout=0.3)
+    collector = StatusCollector(lambda: view, board, ask_timeout=0.3)
     try:
         first = {link.link: link for link in collector.refresh().links}
         orders = first["us-east/orders"]
@@ -276,33 +280,46 @@ def test_the_collector_reads_the_tree_and_a_slow_replica_keeps_its_last_values()
             "connected", 40, 42, 2,
         )  # fmt: skip
         assert (orders.dials, orders.restarts, orders.bytes_received) == (2, 1, 200)
-        assert orders.last_error == "transport error: earlier" and orders.lag_seconds == 0.25
+        assert orders.last_error == "transport error: earlier" and orders.lag_seconds >= 0.25
+        assert first["us-west/orders"].state == "starting"
         assert first["us-east/ledger"].escalated and first["us-east/ledger"].state == "escalated"
         assert first["us-east/ledger"].last_error == "unknown database 'ledger'"
         assert first["ap-south/x"].state == "backing-off" and first["ap-south/x"].restarts == 2
         assert first["ap-south/x"].last_error == "transport error: boom"
         assert first["new/link"].state == "starting"
-        # The eu-west replica now answers too late: its last values stand, and the round
-        # still ends within the ask timeout.
-        slow.proxy().delay = 2.0
-        slow.proxy().delay.get()
-        started = time.monotonic()
+        # A replica that posts nothing new keeps its values; one behind keeps falling behind.
+        board.poster("us-west/orders")(gone.actor_urn, _replica_status("us-west/orders", 1, 3, 3))
         second = {link.link: link for link in collector.refresh().links}
-        assert time.monotonic() - started < 1.0
         assert second["eu-west/orders"] == first["eu-west/orders"]
+        assert second["us-east/orders"].lag_seconds > orders.lag_seconds
+        assert second["us-west/orders"].applied_lsn == 3
         assert collector.latest() is not None
+        assert Idle.received == []
     finally:
-        for ref in (fast, slow, root):
+        for ref in (fast, quiet, gone, root):
             ref.stop(block=False)
-        for ref in (fast, slow, root):
+        for ref in (fast, quiet, gone, root):
             ref.actor_stopped.wait(5)
+
+
+def test_a_posted_status_ages_lag_and_restart_countdown() -> None:
+    status = _replica_status("a", 1, 1, 5)
+    status = attrs.evolve(status, supervision=attrs.evolve(status.supervision, next_restart_in=1.0))
+    later = aged(status, 0.4)
+    assert later.lag_seconds == pytest.approx(0.65)
+    assert later.supervision.next_restart_in == pytest.approx(0.6)
+    assert aged(status, 5.0).supervision.next_restart_in == 0.0
+    caught_up = _replica_status("b", 1, 5, 5)
+    assert aged(caught_up, 3.0).lag_seconds == 0.0
 
 
 def test_the_collector_thread_refreshes_and_stops() -> None:
     seen: list[StatusSnapshot] = []
     done = threading.Event()
     collector = StatusCollector(
-        lambda: TreeView(mirror="m", shard="0/1", root=None, links=("a/b",)), interval=0.05
+        lambda: TreeView(mirror="m", shard="0/1", root=None, links=("a/b",)),
+        StatusBoard(),
+        interval=0.05,
     )
 
     def listener(snap: StatusSnapshot) -> None:

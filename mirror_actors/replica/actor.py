@@ -169,7 +169,13 @@ class MirrorDatabase(Supervisor):
         name: str | None = None,
         on_exit: Callable[[ReplicaStatus], None] | None = None,
         on_divergence: OnDivergence = "escalate",
+        on_status: Callable[[str, ReplicaStatus], None] | None = None,
     ) -> None:
+        """``on_exit`` is called with the last status when the replica stops;
+        ``on_status`` with this actor's URN and its status once it has started and
+        after every message it handles, on this replica's thread (so a reader of many
+        replicas never has to ask them: a thousand asks at once wake a thousand
+        threads, which starves the QUIC loop thread of the GIL)."""
         if on_divergence not in ON_DIVERGENCE_CHOICES:
             raise ValueError(
                 f"on_divergence must be one of {', '.join(ON_DIVERGENCE_CHOICES)}, "
@@ -218,6 +224,7 @@ class MirrorDatabase(Supervisor):
         # The link's last known status, for when the link itself is gone.
         self._last_link_status: LinkStatus | None = None
         self._on_exit = on_exit
+        self._on_status = on_status
         self._replica_log = logger.bind(
             cluster=config.source_cluster_id, database=config.source_database_id
         )
@@ -231,6 +238,10 @@ class MirrorDatabase(Supervisor):
             last_applied_lsn=self._cursor.applied_lsn,
             last_applied_term=self._cursor.applied_term,
         )
+
+    def on_start(self) -> None:
+        super().on_start()
+        self._publish_status()
 
     def on_stop(self) -> None:
         super().on_stop()
@@ -249,9 +260,23 @@ class MirrorDatabase(Supervisor):
         self._spool.discard()
         self.store.close()
 
+    def _publish_status(self) -> None:
+        if self._on_status is None:
+            return
+        try:
+            self._on_status(self.actor_urn, self.replica_status())
+        except Exception:
+            self._replica_log.exception("on_status callback failed")
+
     # -- messages -------------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
+        try:
+            return self._handle(message)
+        finally:
+            self._publish_status()
+
+    def _handle(self, message: Any) -> Any:
         match message:
             case _StreamDelivery():
                 self._on_delivery(message)

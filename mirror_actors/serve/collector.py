@@ -1,10 +1,13 @@
-"""The status collector: a thread that asks the tree how every link is doing, twice a second.
+"""The status collector: a thread that takes a snapshot of how every link is doing, twice a second.
 
-One ``WhichChildren`` to the root supervisor, then one ``GetReplicaStatus``
-to every live replica, all in flight together and each bounded by a short
-timeout; what does not answer in time keeps its previous values.  Readers
-(HTTP handlers, ``/metrics``) take the latest ``StatusSnapshot`` and never
-ask an actor themselves.
+One ``WhichChildren`` to the root supervisor (bounded by a short timeout; if
+it does not answer, the last values stand), then each live replica's status
+from the ``StatusBoard``, where every replica posts it after each message it
+handles.  Nothing asks a replica: a thousand asks at once would wake a
+thousand threads together and starve the QUIC loop thread of the GIL (bench
+figure 4s: keepalives answered late, links timing out and redialling).
+Readers (HTTP handlers, ``/metrics``) take the latest ``StatusSnapshot`` and
+never ask an actor themselves.
 
 Counters (dials, restarts, bytes) are kept monotonic per link for the whole
 life of the daemon: a replica restarted (by the root, or by a reload that
@@ -19,16 +22,70 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import attrs
 import pykka
 from attrs import field, frozen
 from loguru import logger
 
-from mirror_actors.replica.actor import GetReplicaStatus, ReplicaStatus
+from mirror_actors.replica.actor import ReplicaStatus
 from mirror_actors.serve.snapshot import ESCALATED, STARTING, LinkSnapshot, StatusSnapshot
 from supervisors import ChildState, ChildStatus, WhichChildren
 
 DEFAULT_INTERVAL = 0.5
 DEFAULT_ASK_TIMEOUT = 1.0
+
+
+@frozen
+class _Posted:
+    urn: str
+    """The replica actor that posted it: a restarted replica's new actor posts anew."""
+    status: ReplicaStatus
+    at: float
+    """``time.monotonic()`` when it was posted."""
+
+
+class StatusBoard:
+    """The last status each replica posted, by link name (``MirrorDatabase(on_status=...)``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._posted: dict[str, _Posted] = {}
+
+    def poster(self, name: str) -> Callable[[str, ReplicaStatus], None]:
+        """The ``on_status`` callback of link ``name``'s replica."""
+
+        def post(urn: str, status: ReplicaStatus) -> None:
+            posted = _Posted(urn, status, time.monotonic())
+            with self._lock:
+                self._posted[name] = posted
+
+        return post
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._posted.pop(name, None)
+
+    def status(self, name: str, urn: str, now: float) -> ReplicaStatus | None:
+        """What actor ``urn`` last posted for ``name``, aged to ``now``; None if it has not."""
+        with self._lock:
+            posted = self._posted.get(name)
+        if posted is None or posted.urn != urn:
+            return None
+        return aged(posted.status, max(0.0, now - posted.at))
+
+
+def aged(status: ReplicaStatus, elapsed: float) -> ReplicaStatus:
+    """``status`` as it reads ``elapsed`` seconds later with nothing new: a lag keeps
+    growing and a restart's countdown keeps running."""
+    if elapsed <= 0:
+        return status
+    supervision = status.supervision
+    if supervision.next_restart_in is not None:
+        supervision = attrs.evolve(
+            supervision, next_restart_in=max(0.0, supervision.next_restart_in - elapsed)
+        )
+    lag = status.lag_seconds + elapsed if status.lag_seconds > 0 else 0.0
+    return attrs.evolve(status, supervision=supervision, lag_seconds=lag)
 
 
 @frozen
@@ -98,11 +155,13 @@ class StatusCollector:
     def __init__(
         self,
         view: Callable[[], TreeView],
+        board: StatusBoard,
         *,
         interval: float = DEFAULT_INTERVAL,
         ask_timeout: float = DEFAULT_ASK_TIMEOUT,
     ) -> None:
         self._view = view
+        self._board = board
         self._interval = interval
         self._ask_timeout = ask_timeout
         self._lock = threading.Lock()
@@ -187,24 +246,15 @@ class StatusCollector:
     def _replica_statuses(
         self, view: TreeView, children: Mapping[str, ChildStatus]
     ) -> dict[str, ReplicaStatus]:
-        futures: dict[str, pykka.Future[Any]] = {}
+        now = time.monotonic()
+        statuses: dict[str, ReplicaStatus] = {}
         for name in view.links:
             child = children.get(name)
             if child is None or child.ref is None or child.state is not ChildState.RUNNING:
                 continue
-            try:
-                futures[name] = child.ref.ask(GetReplicaStatus(), block=False)
-            except pykka.ActorDeadError:
-                continue
-        deadline = time.monotonic() + self._ask_timeout
-        statuses: dict[str, ReplicaStatus] = {}
-        for name, future in futures.items():
-            try:
-                statuses[name] = future.get(timeout=max(0.0, deadline - time.monotonic()))
-            except (pykka.Timeout, pykka.ActorDeadError):
-                pass
-            except Exception as error:  # a replica that failed to answer: keep the last values
-                logger.debug("status of {} failed: {!r}", name, error)
+            status = self._board.status(name, child.ref.actor_urn, now)
+            if status is not None:
+                statuses[name] = status
         return statuses
 
     def _link(

@@ -8,6 +8,7 @@ from typing import Any
 import pykka
 import pytest
 
+import supervisors.supervisor as supervisor_module
 from supervisors import (
     CallableStrategy,
     ChildSpec,
@@ -279,4 +280,37 @@ def test_stop_concurrently_tells_every_child_at_once() -> None:
     root.stop(timeout=WAIT * 2)
     assert met == [True] * count
     assert not any(ref is not None and ref.is_alive() for ref in refs)
+    assert pykka.ActorRegistry.get_all() == []
+
+
+def test_stop_concurrently_keeps_a_bounded_number_stopping_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A window of 2: the children meet in pairs at the barrier (so two stop at
+    # once), and no third is told before one of the pair has finished.
+    monkeypatch.setattr(supervisor_module, "CONCURRENT_STOP_WINDOW", 2)
+    count = 6
+    barrier = threading.Barrier(2)
+    lock = threading.Lock()
+    stopping = [0]
+    most: list[int] = []
+
+    class InPairs(SupervisedActor):
+        def on_stop(self) -> None:
+            with lock:
+                stopping[0] += 1
+                most.append(stopping[0])
+            try:
+                barrier.wait(WAIT)
+            finally:
+                with lock:
+                    stopping[0] -= 1
+
+    root = Supervisor.start(
+        children=[ChildSpec(f"c{i}", lambda p: InPairs.start(parent=p)) for i in range(count)],
+        clock=ManualClock(),
+        stop_concurrently=True,
+    )
+    root.stop(timeout=WAIT * 2)
+    assert len(most) == count and max(most) == 2
     assert pykka.ActorRegistry.get_all() == []
