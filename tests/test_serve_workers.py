@@ -18,7 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -139,6 +139,10 @@ def test_merge_of_a_dead_worker_keeps_values_and_counters_never_go_down() -> Non
                           bytes_received=900)  # fmt: skip
     bases = fold_counts({}, _snapshot(before))
     assert bases == {"a/x": LinkCounts(2, 1, 900)}
+    # A worker that died: each of its links (reported or not) counts one restart more.
+    assert fold_counts({}, _snapshot(before), ["a/x", "a/y"]) == {
+        "a/x": LinkCounts(2, 2, 900), "a/y": LinkCounts(0, 1, 0),
+    }  # fmt: skip
     backing_off = [WorkerSnapshot(0, "backing-off", restarts=0, last_exit="killed by SIGKILL",
                                   next_restart_in=0.4)]  # fmt: skip
     down = merge_snapshots(
@@ -436,6 +440,9 @@ def test_two_workers_serve_every_link_survive_a_sigkill_and_stop_on_sigterm(
     links = daemon.links()
     assert links[f"{CLUSTER}/orders"]["dials"] == 1  # in worker 0: never redialed
     assert links[f"{CLUSTER}/carts"]["dials"] == 2  # counters go on across incarnations
+    # The worker's restart is a restart of each of its links.
+    assert links[f"{CLUSTER}/carts"]["restarts"] == 1
+    assert links[f"{CLUSTER}/orders"]["restarts"] == 0
     assert daemon.metrics()[("mirror_worker_restarts_total", "1")] == 1
     err = daemon.err()
     # The restarted worker resumed each replica from its file's last commit.
@@ -481,4 +488,61 @@ def test_a_worker_that_cannot_start_stops_the_daemon_with_exit_2(
         line for line in lines if line.startswith(f"mirror-actors serve: error: {config}: ")
     ] and len(lines) == 1, daemon.err()[-3000:]
     assert "mirror.data_dir: the replica of us-east/carts:" in lines[0]
+    assert "Traceback" not in daemon.err()
+
+
+def _reloads(daemon: Daemon) -> dict[str, float]:
+    code, body = daemon.get("/metrics")
+    assert code == 200
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "mirror_config_reloads_total"
+    }
+
+
+def test_sighup_reloads_every_worker_and_counts_each_reload_once(
+    pki: DevPki, source: SourceServer, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, pki, source.port, ("orders", "carts"))
+    daemon = start(daemons, tmp_path, str(config), name="reload")
+    daemon.wait_for_url()
+    orders, carts, users = (f"{CLUSTER}/{name}" for name in ("orders", "carts", "users"))
+
+    def connected(*names: str) -> Callable[[], bool]:
+        def check() -> bool:
+            links = daemon.links()
+            return set(links) == set(names) and all(
+                links[name]["state"] == "connected" for name in names
+            )
+
+        return check
+
+    wait_until(connected(orders, carts), what="orders and carts connected")
+    assert _reloads(daemon) == {"ok": 0, "error": 0}
+
+    # carts out, users in: both workers get the file; orders keeps its connection.
+    write_config(tmp_path, pki, source.port, ("orders", "users"))
+    daemon.popen.send_signal(signal.SIGHUP)
+    wait_until(connected(orders, users), what="users added and carts removed")
+    wait_until(lambda: _reloads(daemon) == {"ok": 1, "error": 0}, what="the reload counted ok")
+    assert daemon.links()[orders]["dials"] == 1
+    assert (tmp_path / "data" / CLUSTER / "carts.db").exists()  # a removed link keeps its file
+
+    # payments' replica file belongs to another link: its worker refuses the reload.
+    SqliteReplicaStore(tmp_path / "data" / CLUSTER / "payments.db", "eu-west/other").close()
+    write_config(tmp_path, pki, source.port, ("orders", "users", "payments"))
+    daemon.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: _reloads(daemon) == {"ok": 1, "error": 1}, what="the refusal counted")
+    assert "refused the reload" in daemon.err()
+
+    # A file that does not parse: the parent refuses it and nothing changes.
+    config.write_text("[mirror\n")
+    daemon.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: _reloads(daemon) == {"ok": 1, "error": 2}, what="the bad file counted")
+    assert daemon.links()[orders]["state"] == "connected"
+    assert [w["state"] for w in daemon.workers()] == ["running", "running"]
+    daemon.popen.send_signal(signal.SIGTERM)
+    assert daemon.popen.wait(SLOW_WAIT) == 0, daemon.err()[-3000:]
     assert "Traceback" not in daemon.err()

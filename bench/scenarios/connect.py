@@ -82,7 +82,7 @@ def run(env: Env, sizes: Sizes) -> list[Row]:
             "ms",
             Stat.of([x * ms for x in ours]),
             Stat.of([x * ms for x in bare]),
-            Target("ratio_le", 1.15),
+            Target("ratio_le", 1.10),
         ),
         Row(
             "1 connect",

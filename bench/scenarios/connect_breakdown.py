@@ -782,7 +782,7 @@ def run(env: Env, sizes: Sizes) -> list[Row]:
             "ms",
             Stat.of([x * ms for x in result.ours_plain]),
             Stat.of([x * ms for x in result.bare_plain]),
-            Target("ratio_le", 1.15),
+            Target("ratio_le", 1.10),
         ),
         Row(
             "1b connect breakdown",

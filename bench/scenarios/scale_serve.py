@@ -1,8 +1,8 @@
 """Figure 4s: ``mirror-actors serve`` with ``[mirror] workers = W`` following N links.
 
 The daemon runs as an operator runs it (``python -m mirror_actors.cli --log-format
-json serve FILE``), the source in a process of its own (``SourceProcess``: one
-cluster, one database per link).  For each (links, workers):
+json serve FILE``), the source in processes of its own (``SourceProcess``: one
+cluster, one database per link, at most ``LINKS_PER_SOURCE`` per process).  For each (links, workers):
 
 - *all connected*: seconds from spawning the daemon until its ``/status`` (the
   daemon's own cached snapshot, polled every 100 ms) shows every link connected;
@@ -116,8 +116,47 @@ def _alive(pid: int) -> bool:
 # -- the daemon ----------------------------------------------------------------------
 
 
-def write_config(folder: Path, env: Env, port: int, databases: list[str], workers: int) -> Path:
-    """One ``[[source]]`` per link, all on the one source process."""
+LINKS_PER_SOURCE = 1000
+"""Databases per source process: one SourceServer takes at most 1,024 mirror connections
+(its default limit, PROTOCOL.md 5.3), so 3,000 links follow three source processes, as
+3,000 databases would live on several source clusters."""
+
+
+class Sources:
+    """``ceil(links / LINKS_PER_SOURCE)`` source processes, each serving a slice of the databases."""
+
+    def __init__(self, env: Env, databases: list[str]) -> None:
+        pair = env.pki.source(CLUSTER)
+        self.slices = [
+            databases[i : i + LINKS_PER_SOURCE] for i in range(0, len(databases), LINKS_PER_SOURCE)
+        ]
+        self.processes = [
+            SourceProcess(CLUSTER, str(pair.cert), str(pair.key), part) for part in self.slices
+        ]
+
+    def start(self) -> Sources:
+        for process in self.processes:
+            process.start()
+        return self
+
+    def placement(self) -> list[tuple[int, list[str]]]:
+        """(port, databases) of each source process."""
+        return [(process.port, part) for process, part in zip(self.processes, self.slices, strict=True)]
+
+    def restart(self) -> tuple[float, float, float]:
+        """Restart each on its port: (first began, last stopped, last listening), monotonic."""
+        times = [process.restart() for process in self.processes]
+        return (min(t[0] for t in times), max(t[1] for t in times), max(t[2] for t in times))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+def write_config(
+    folder: Path, env: Env, placement: list[tuple[int, list[str]]], workers: int
+) -> Path:
+    """One ``[[source]]`` per link, on the source process that serves its database."""
     lines = [
         "[mirror]",
         'name = "bench-mirror"',
@@ -129,14 +168,15 @@ def write_config(folder: Path, env: Env, port: int, databases: list[str], worker
         f'ca_file = "{env.ca_file}"',
         "",
     ]
-    for database in databases:
-        lines += [
-            "[[source]]",
-            f'cluster = "{CLUSTER}"',
-            f'address = "127.0.0.1:{port}"',
-            f'databases = ["{database}"]',
-            "",
-        ]
+    for port, databases in placement:
+        for database in databases:
+            lines += [
+                "[[source]]",
+                f'cluster = "{CLUSTER}"',
+                f'address = "127.0.0.1:{port}"',
+                f'databases = ["{database}"]',
+                "",
+            ]
     path = folder / "mirror.toml"
     path.write_text("\n".join(lines))
     return path
@@ -303,13 +343,12 @@ def _measure(env: Env, links: int, workers: int) -> list[Row]:
     folder = env.workdir / f"scale-serve-{links}-{workers}"
     folder.mkdir(parents=True, exist_ok=True)
     databases = [_database(i) for i in range(links)]
-    pair = env.pki.source(CLUSTER)
-    source: SourceProcess | None = None
+    source: Sources | None = None
     daemon: Daemon | None = None
     tree: list[int] = []
     try:
-        source = SourceProcess(CLUSTER, str(pair.cert), str(pair.key), databases).start()
-        daemon = Daemon(folder, write_config(folder, env, source.port, databases, workers))
+        source = Sources(env, databases).start()
+        daemon = Daemon(folder, write_config(folder, env, source.placement(), workers))
         daemon.start()
         daemon.wait_url()
         connect_time, up = daemon.wait_all_connected(links, daemon.spawned)
@@ -387,7 +426,7 @@ def _measure(env: Env, links: int, workers: int) -> list[Row]:
     return rows
 
 
-def _restart_phase(daemon: Daemon, source: SourceProcess, links: int, tag: str) -> list[Row]:
+def _restart_phase(daemon: Daemon, source: Sources, links: int, tag: str) -> list[Row]:
     began, stopped, listening = source.restart()
     began_wall = time.time() - (time.monotonic() - began)  # the same instant, wall clock
 

@@ -294,12 +294,17 @@ class MirrorDaemon:
             self._http = None
         self._collector.stop()
         root, self._root = self._root, None
+        stopped = True
         if root is not None:
             try:
                 root.stop(block=True, timeout=STOP_TIMEOUT)
             except pykka.Timeout:
+                stopped = False
                 logger.error("the supervision tree did not stop within {} s", STOP_TIMEOUT)
-        self._clock.close()
+        if stopped:
+            # Not under a tree still stopping: its supervisors would fail on a closed
+            # clock (the timer thread is a daemon thread and ends with the process).
+            self._clock.close()
         self._timer.uninstall()
         logger.configure(extra={})
 

@@ -46,7 +46,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -163,6 +163,7 @@ class WorkerEscalated:
 @frozen
 class WorkerReloaded:
     index: int
+    reload_id: int = 0
     report: str | None = None
     error: str | None = None
 
@@ -170,6 +171,8 @@ class WorkerReloaded:
 @frozen
 class ReloadWorker:
     config: ServeConfig
+    reload_id: int = 0
+    """Which SIGHUP this is (0: the file a worker that started late must catch up to)."""
 
 
 @frozen
@@ -230,12 +233,19 @@ class LinkCounts:
 
 
 def fold_counts(
-    bases: Mapping[str, LinkCounts], snapshot: StatusSnapshot | None
+    bases: Mapping[str, LinkCounts],
+    snapshot: StatusSnapshot | None,
+    restarted: Iterable[str] = (),
 ) -> dict[str, LinkCounts]:
-    """``bases`` with the counters of a worker incarnation that ended added in."""
+    """``bases`` with the counters of a worker incarnation that ended added in, and one
+    restart more for each link in ``restarted`` (those of a worker that died: each
+    starts again with its worker, which is a restart of that link too)."""
     folded = dict(bases)
     for link in snapshot.links if snapshot is not None else ():
         folded[link.link] = folded.get(link.link, LinkCounts()).plus(link)
+    for name in restarted:
+        base = folded.get(name, LinkCounts())
+        folded[name] = attrs.evolve(base, restarts=base.restarts + 1)
     return folded
 
 
@@ -433,12 +443,14 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
                     report = daemon.reload(message.config)
                 except ConfigError as error:
                     logger.error("reload refused, the running configuration stays: {}", error)
-                    channel.send(WorkerReloaded(spec.index, error=str(error)))
+                    channel.send(WorkerReloaded(spec.index, message.reload_id, error=str(error)))
                 except Exception as error:
                     logger.exception("reload failed part way; /status shows what runs now")
-                    channel.send(WorkerReloaded(spec.index, error=error_text(error)))
+                    channel.send(
+                        WorkerReloaded(spec.index, message.reload_id, error=error_text(error))
+                    )
                 else:
-                    channel.send(WorkerReloaded(spec.index, report=str(report)))
+                    channel.send(WorkerReloaded(spec.index, message.reload_id, report=str(report)))
     finally:
         daemon.stop()
         conn.close()
@@ -519,6 +531,9 @@ class WorkerPool:
         self._merged: StatusSnapshot | None = None
         self._reloads_ok = 0
         self._reloads_failed = 0
+        # Reloads sent and not yet answered: id -> the workers still to answer.
+        self._reloads_pending: dict[int, set[int]] = {}
+        self._reload_ids = 0
         self._stopping = False
         self._slots = [_Slot(k, 0) for k in range(self.count)]
         self._assign()
@@ -787,17 +802,41 @@ class WorkerPool:
             slot.state = FAILED  # its EOF follows; a hard error is not retried
         elif isinstance(message, WorkerEscalated):
             return message
-        elif isinstance(message, WorkerReloaded) and message.error is not None:
-            with self._lock:
-                self._reloads_failed += 1
-            logger.error("worker {} refused the reload: {}", slot.index, message.error)
+        elif isinstance(message, WorkerReloaded):
+            if message.error is not None:
+                logger.error("worker {} refused the reload: {}", slot.index, message.error)
+            self._reload_answered(slot.index, message.reload_id, message.error)
         return None
+
+    def _reload_answered(
+        self, index: int, reload_id: int | None, error: str | None = None
+    ) -> None:
+        """Count a reload once every worker it was sent to has answered: ok if all applied
+        it, failed if one refused. ``reload_id`` None: worker ``index`` is gone."""
+        for pending_id, waiting in list(self._reloads_pending.items()):
+            if reload_id is not None and pending_id != reload_id:
+                continue
+            if error is not None:
+                del self._reloads_pending[pending_id]
+                with self._lock:
+                    self._reloads_failed += 1
+                continue
+            waiting.discard(index)
+            if not waiting:
+                del self._reloads_pending[pending_id]
+                with self._lock:
+                    self._reloads_ok += 1
 
     def _ended(self, slot: _Slot) -> None:
         exitcode = self._reap(slot)
+        died = not self._stopping
+        owned = [name for name, owner in self._owners.items() if owner == slot.index]
         with self._lock:
-            self._bases = fold_counts(self._bases, self._latest.pop(slot.index, None))
+            self._bases = fold_counts(
+                self._bases, self._latest.pop(slot.index, None), owned if died else ()
+            )
             self._received.pop(slot.index, None)
+        self._reload_answered(slot.index, None)  # a worker that died answers no reload
         if self._stopping:
             slot.state = STOPPED
             return
@@ -875,13 +914,15 @@ class WorkerPool:
             self.metrics.forget_link(name)
         self._config = config
         self._assign()
-        for slot in self._slots:
-            if slot.state == WORKER_RUNNING:
-                self._send(slot, ReloadWorker(config))
-        with self._lock:
-            self._reloads_ok += 1
+        self._reload_ids += 1
+        running = [slot for slot in self._slots if slot.state == WORKER_RUNNING]
+        # Counted ok or failed when the workers answer (the others start with the new file).
+        self._reloads_pending[self._reload_ids] = {slot.index for slot in running}
+        for slot in running:
+            self._send(slot, ReloadWorker(config, self._reload_ids))
+        self._reload_answered(-1, self._reload_ids)  # no worker running: nothing to wait for
         self._remerge()
-        logger.info("reloaded {}: sent to {} workers", config.file, self.count)
+        logger.info("reloaded {}: sent to {} running workers", config.file, len(running))
 
     def _shard_for(self, config: ServeConfig) -> Shard:
         return self._shard_override if self._shard_override is not None else config.shard
