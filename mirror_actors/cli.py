@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
+import gc
 import json
 import math
 import os
@@ -658,7 +659,7 @@ def _run(args: argparse.Namespace) -> int:
 def _serve_command(args: argparse.Namespace) -> int:
     from mirror_actors.serve.daemon import run_serve
 
-    return run_serve(
+    code = run_serve(
         args.file,
         shard=args.shard,
         workers=args.workers,
@@ -667,6 +668,17 @@ def _serve_command(args: argparse.Namespace) -> int:
         # Worker processes are fresh interpreters: they log as this one does.
         log_setup=functools.partial(configure_logging, args.log_level, args.log_format),
     )
+    exiting_soon()
+    return code
+
+
+def exiting_soon() -> None:
+    """The process exits next, everything flushed and closed: skip the final collections.
+
+    The interpreter's last garbage collections walk every object still alive; after a
+    thousand links that took ~0.9 s of a 3.5 s SIGTERM-to-exit (bench figure 4s).
+    """
+    gc.freeze()
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ A configuration that fails becomes a failed row (the others still run).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -36,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from mirror_actors.link.loop import MAX_CONCURRENT_DIALS
+
+from ..baselines import bare_connect
 from ..common import CLUSTER, INFO, Env, Row, Sizes, Stat, Target, raise_nofile
 from ..source_process import SourceProcess
 
@@ -151,6 +155,52 @@ class Sources:
     def stop(self) -> None:
         for process in self.processes:
             process.stop()
+
+    def wait_no_connections(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while any(process.connections() for process in self.processes):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL)
+        return True
+
+
+BARE_CONNECT_TIMEOUT = 30.0
+
+
+async def _bare_connect_all(placement: list[tuple[int, list[str]]], ca_file: str) -> float:
+    """Seconds for plain aioquic clients to dial every link and get its HELLO_ACK, all
+    held open until the last one is in, admitted as many at a time as the links' own
+    dials (``MAX_CONCURRENT_DIALS``); then every one is closed."""
+    slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
+    opened: list[Any] = []
+
+    async def one(port: int, database: str) -> None:
+        async with slots:
+            _, _client, manager = await asyncio.wait_for(
+                bare_connect(port, ca_file, database, idle_timeout=60.0), BARE_CONNECT_TIMEOUT
+            )
+        opened.append(manager)
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(port, db) for port, dbs in placement for db in dbs))
+        return time.perf_counter() - started
+    finally:
+        for manager in opened:
+            await manager.__aexit__(None, None, None)
+
+
+def bare_all_connected(source: Sources, ca_file: str) -> tuple[float | None, str]:
+    """The bare figure for *all connected*, in this process (the daemon runs in its own)."""
+    try:
+        took: float | None = asyncio.run(_bare_connect_all(source.placement(), ca_file))
+        note = f"bare: {took:.2f} s"
+    except Exception as error:
+        took, note = None, f"bare failed: {type(error).__name__}: {error}"[:200]
+    if not source.wait_no_connections():
+        note += "; the source still held bare connections after 30 s"
+    return took, note
 
 
 def write_config(
@@ -348,6 +398,7 @@ def _measure(env: Env, links: int, workers: int) -> list[Row]:
     tree: list[int] = []
     try:
         source = Sources(env, databases).start()
+        bare, bare_note = bare_all_connected(source, str(env.ca_file))
         daemon = Daemon(folder, write_config(folder, env, source.placement(), workers))
         daemon.start()
         daemon.wait_url()
@@ -358,12 +409,16 @@ def _measure(env: Env, links: int, workers: int) -> list[Row]:
                 f"all connected ({tag})",
                 "s",
                 Stat.of([connect_time]) if connect_time is not None else None,
+                Stat.of([bare]) if bare is not None else None,
                 target=Target("abs_le", 5.0),
                 note=(
                     f"from spawning the daemon until /status (polled every {POLL * 1000:g} ms, "
                     f"a snapshot the daemon refreshes every 0.5 s) shows every link connected"
                     + f"; by the logs' last 'connected to' {_last_after(daemon, daemon.spawned_wall)}"
                     + ("" if connect_time is not None else f"; only {up}/{links} connected")
+                    + f"; baseline: plain aioquic clients in the bench's process dialing every "
+                    f"link (HELLO/HELLO_ACK, {MAX_CONCURRENT_DIALS} at a time, held open), "
+                    f"before the daemon starts; {bare_note}"
                 ),
                 missed=connect_time is None,
             )

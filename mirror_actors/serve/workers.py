@@ -40,6 +40,7 @@ duplex pipe that carries the frozen attrs messages below as they are.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import queue
 import signal
@@ -454,6 +455,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     finally:
         daemon.stop()
         conn.close()
+        # Exits next: skip the interpreter's final collections (cli.exiting_soon).
+        gc.freeze()
 
 
 # -- the parent ------------------------------------------------------------------------------
