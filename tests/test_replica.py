@@ -64,6 +64,41 @@ def test_a_replica_follows_its_source_and_acks(
     )
 
 
+def test_a_replica_posts_its_status_after_every_message_it_handles(
+    pki: DevPki, source_store: SourceStore, source: SourceServer
+) -> None:
+    for i in range(20):
+        source_store["orders"].append(b"entry %d" % i)
+    posts: list[tuple[str, ReplicaStatus]] = []
+    lock = threading.Lock()
+
+    def post(urn: str, status: ReplicaStatus) -> None:
+        with lock:
+            posts.append((urn, status))
+
+    replica = MirrorDatabase.start(config(pki, source.port), on_status=post)
+    try:
+
+        def latest() -> ReplicaStatus | None:
+            with lock:
+                return posts[-1][1] if posts else None
+
+        # Without being asked: the last post shows the replica connected and caught up.
+        wait_until(
+            lambda: (status := latest()) is not None
+            and status.state == "connected"
+            and status.applied_lsn == 20,
+            what="a post of the caught-up replica",
+        )
+        source_store["orders"].append(b"one more")
+        wait_until(lambda: (s := latest()) is not None and s.applied_lsn == 21, what="next post")
+        with lock:
+            assert {urn for urn, _ in posts} == {replica.actor_urn}
+            assert posts[0][1].state == "starting"
+    finally:
+        replica.stop()
+
+
 def test_a_late_replica_bootstraps_from_the_snapshot(
     pki: DevPki, source_store: SourceStore, source: SourceServer
 ) -> None:
