@@ -333,11 +333,16 @@ class Entries:
         if not items:
             raise MalformedFrame("ENTRIES must carry at least one entry")
         # The hot path of replication: every check runs at C speed over the whole
-        # frame (itemgetter, zip, type sets, a range comparison), with no object
-        # and no Python step per entry. A frame that fails any of them is walked
-        # entry by entry, which names the problem.
+        # frame (itemgetter, type sets, a range comparison), with no object and no
+        # Python step per entry. A frame that fails any of them is walked entry by
+        # entry, which names the problem. One pass per field: a 3-key itemgetter
+        # transposed by zip built a tuple per entry and cost 4x as much (1.6 ms
+        # against 0.4 ms for a 3,500-entry frame; msgpack's unpackb is 1.2 ms).
         try:
-            lsns, terms, payloads = zip(*map(_ENTRY_FIELDS, items), strict=True)
+            # A non-map entry fails the subscript (TypeError), a missing field KeyError.
+            lsns = list(map(_LSN, items))
+            terms = tuple(map(_TERM, items))
+            payloads = tuple(map(_DATA, items))
         except (KeyError, TypeError):
             _first_entry_problem(items)
         first = lsns[0]
@@ -345,7 +350,7 @@ class Entries:
             set(map(type, lsns)) == _INTS
             and 0 <= first
             and lsns[-1] < _U64_LIMIT
-            and lsns == tuple(range(first, first + len(lsns)))
+            and lsns == list(range(first, first + len(lsns)))
             and set(map(type, terms)) == _INTS
             and min(terms) >= 0
             and max(terms) < _U64_LIMIT
@@ -355,7 +360,9 @@ class Entries:
         return cls(EntryBatch(first, terms, payloads))
 
 
-_ENTRY_FIELDS: Final = operator.itemgetter("lsn", "term", "data")
+_LSN: Final = operator.itemgetter("lsn")
+_TERM: Final = operator.itemgetter("term")
+_DATA: Final = operator.itemgetter("data")
 _INTS: Final = {int}
 _BYTES: Final = {bytes}
 
