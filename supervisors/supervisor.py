@@ -442,7 +442,7 @@ class Supervisor(SupervisedActor):
     def _stop_children(
         self, records: list[ChildRecord], state: ChildState = ChildState.STOPPED
     ) -> None:
-        """Stop in reverse start order, each within its timeout (all at once if concurrent)."""
+        """Stop in reverse start order, each within its timeout (a window at once if concurrent)."""
         position = {child_id: index for index, child_id in enumerate(self._records)}
         stopping: deque[tuple[ChildRecord, Future[bool], float]] = deque()
         for record in sorted(records, key=lambda r: position.get(r.id, -1), reverse=True):
