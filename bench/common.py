@@ -49,7 +49,7 @@ class Sizes:
     connect_breakdown_reps: int = 60  # figure 1b: rotations of (ours, bare) x (plain, timed)
     # figure 2p: (entries, bytes per entry) per workload, and repetitions of each side
     process_replication: tuple[tuple[int, int], ...] = ((60_000, 256), (8_000, 4096))
-    process_replication_reps: int = 5
+    process_replication_reps: int = 9
     # figure 4s: (links, workers) of each `serve` daemon run
     serve_scale: tuple[tuple[int, int], ...] = ((1000, 1), (1000, 2), (3000, 1), (3000, 2))
 

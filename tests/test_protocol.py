@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import tracemalloc
 from typing import Any
 
 import msgpack
@@ -191,6 +192,47 @@ def test_coalesced_frames_decode_in_order(frames: list[Frame], cuts: list[int]) 
     assert feed_in_pieces(stream, []) == frames  # all coalesced in one feed
     cuts = [c % (len(stream) + 1) for c in cuts]
     assert feed_in_pieces(stream, cuts) == frames
+
+
+def big_entries_frame() -> tuple[Frame, bytes]:
+    frame = Entries(Entry(1 + i, 1, bytes([i % 256]) * 700) for i in range(300))
+    return frame, encode_frame(frame)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.sampled_from([1, 3, 200, 511, 512, 513, 1_200, 5_000]), min_size=1))
+def test_a_large_frame_decodes_from_pieces_large_and_tiny_mixed(sizes: list[int]) -> None:
+    # Pieces of at least 512 B are kept as they came and tiny ones copied together:
+    # every mixture must give the same frame, with nothing held after it.
+    frame, encoded = big_entries_frame()
+    cuts = list(itertools.accumulate(itertools.islice(itertools.cycle(sizes), len(encoded))))
+    assert feed_in_pieces(encoded, [c for c in cuts if c < len(encoded)]) == [frame]
+
+
+def test_a_fed_bytearray_changed_afterwards_does_not_change_the_frame() -> None:
+    frame, encoded = big_entries_frame()
+    decoder = FrameDecoder()
+    piece = bytearray(encoded[:4_000])
+    assert decoder.feed(piece) == []
+    piece[:] = b"\xff" * len(piece)  # the caller reuses its buffer
+    assert decoder.feed(encoded[4_000:]) == [frame]
+
+
+def test_a_frame_sent_a_byte_at_a_time_is_held_in_about_its_own_size() -> None:
+    # A peer may send one byte per STREAM frame; holding an object per byte would
+    # take ~40 times the frame's size until it completes.
+    length = 200_000
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack(">BI", FrameType.ENTRIES, length))
+    tracemalloc.start()
+    try:
+        for _ in range(length - 1):
+            decoder.feed(b"\x00")
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoder.buffered == HEADER_SIZE + length - 1
+    assert held < 2 * length
 
 
 def test_empty_feed_is_harmless() -> None:

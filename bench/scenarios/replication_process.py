@@ -342,6 +342,7 @@ def run(env: Env, sizes: Sizes) -> list[Row]:
                             f"{count:,} x {entry_bytes} B from a {kind} source in its own process "
                             f"(cap {DEFAULT_CAP >> 20} MiB), timed from SUBSCRIBE to last LSN applied"
                         )
+                        note += "; " + _paired(ours, bare)
                         if setup.fallbacks:
                             note += "; " + ", ".join(sorted(set(setup.fallbacks)))
                         rows.append(
@@ -368,6 +369,19 @@ def run(env: Env, sizes: Sizes) -> list[Row]:
                 finally:
                     child.stop()
     return rows
+
+
+def _paired(ours: list[float], bare: list[float]) -> str:
+    """The ratio of each repetition's two adjacent runs: how much of the spread is the machine.
+
+    On shared cores the same run's CPU time varies by up to 2x between minutes; a
+    pair run back to back mostly shares the machine's state.
+    """
+    pairs = Stat.of([b / o for o, b in zip(ours, bare, strict=True)])
+    return (
+        f"pairwise ratios median {pairs.median:.2f}, "
+        f"quartiles {pairs.quantile(0.25):.2f}..{pairs.quantile(0.75):.2f}"
+    )
 
 
 def _failed(name: str, error: BaseException) -> Row:

@@ -550,6 +550,10 @@ def decode_payload(frame_type: int, payload: bytes) -> Frame:
     return frame
 
 
+_SMALL_PIECE = 512
+"""Received pieces shorter than this are copied together rather than kept apart."""
+
+
 class FrameDecoder:
     """Incremental decoder for one stream: ``feed(data) -> [frames]``.
 
@@ -559,17 +563,20 @@ class FrameDecoder:
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        # The received bytes not yet decoded, in the pieces they came in: a frame of
+        # 1 MiB arrives in ~1,000 datagrams, and joining them once costs 0.05 ms
+        # where growing a bytearray by each costs ~2 ms.
+        self._pending: list[bytes | bytearray] = []
+        self._pending_size = 0
         self._failure: MalformedFrame | None = None
-        # Bytes the buffer must hold before the frame whose header was read is
-        # complete (0 when no header is pending): most pieces of a large frame
-        # only need appending, not parsing.
+        # Bytes the pending pieces must add up to before there is anything to parse:
+        # the whole frame whose header was checked, or a whole header.
         self._wanted = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held of a frame not yet complete."""
-        return len(self._buffer)
+        return self._pending_size
 
     def feed(self, data: bytes) -> list[Frame]:
         return [frame for frame, _ in self.feed_with_sizes(data)]
@@ -578,8 +585,23 @@ class FrameDecoder:
         """Like ``feed``, pairing each frame with its payload length (what ACK ``bytes`` counts)."""
         if self._failure is not None:
             raise MalformedFrame(f"stream already broken: {self._failure.detail}")
+        if not data:
+            return []
+        pieces = self._pending
+        if len(data) >= _SMALL_PIECE:
+            # Kept as given, not copied: only bytes cannot change under the decoder.
+            pieces.append(data if type(data) is bytes else bytes(data))
+        elif pieces and type(pieces[-1]) is bytearray:
+            pieces[-1] += data
+        else:
+            # Tiny pieces (a peer may send a byte per STREAM frame) share one
+            # bytearray: an object per byte would hold ~40 times the data.
+            pieces.append(bytearray(data))
+        self._pending_size += len(data)
+        if self._pending_size < self._wanted:
+            return []  # inside a frame whose header was checked: most pieces of a large one
         try:
-            return self._feed(data)
+            return self._parse()
         except MalformedFrame as error:
             detail = error.detail
         except Exception as error:  # a decoder must never leak another exception type
@@ -592,42 +614,47 @@ class FrameDecoder:
 
     def eof(self) -> None:
         """The stream ended: a partial frame left in the buffer is malformed."""
-        if self._failure is None and self._buffer:
+        if self._failure is None and self._pending_size:
             failure = MalformedFrame(
-                f"stream ended inside a frame ({len(self._buffer)} bytes of it received)"
+                f"stream ended inside a frame ({self._pending_size} bytes of it received)"
             )
             self._fail(failure)
             raise failure
 
     def _fail(self, error: MalformedFrame) -> None:
         self._failure = error
-        self._buffer = bytearray()
+        self._pending = []
+        self._pending_size = 0
         self._wanted = 0
 
-    def _feed(self, data: bytes) -> list[tuple[Frame, int]]:
-        buffer = self._buffer
-        buffer += data
-        if len(buffer) < self._wanted:
-            return []  # still inside a frame whose header was checked
-        self._wanted = 0
+    def _parse(self) -> list[tuple[Frame, int]]:
+        pieces = self._pending
+        buffer = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         frames: list[tuple[Frame, int]] = []
         position = 0
         available = len(buffer)
+        wanted = 0
         while available - position >= HEADER_SIZE:
             frame_type, length = HEADER.unpack_from(buffer, position)
             self._check_header(frame_type, length)
             end = position + HEADER_SIZE + length
             if end > available:
-                self._wanted = end - position
+                wanted = end - position
                 break
             payload = bytes(buffer[position + HEADER_SIZE : end])
             frames.append((decode_payload(frame_type, payload), length))
             position = end
-        if 0 < available - position < HEADER_SIZE:
+        rest = available - position
+        if 0 < rest < HEADER_SIZE:
             # Reject an unknown type as soon as its byte arrives.
             self._check_type(buffer[position])
-        if position:
-            del buffer[:position]
+            wanted = HEADER_SIZE
+        if not rest:
+            self._pending = []
+        elif position or len(pieces) > 1:
+            self._pending = [buffer[position:]]
+        self._pending_size = rest
+        self._wanted = wanted
         return frames
 
     @staticmethod
