@@ -86,6 +86,8 @@ def test_defaults() -> None:
     assert settings.stall_timeout == 60.0
     assert settings.tick_interval == 1.0
     assert SourceSettings(stall_timeout=0.5).tick_interval == 0.125
+    assert settings.hello_timeout == 10.0 and settings.max_awaiting_hello == 256
+    assert SourceSettings(hello_timeout=0.4).tick_interval == 0.1
 
 
 @pytest.mark.parametrize(
@@ -95,6 +97,9 @@ def test_defaults() -> None:
         {"max_buffered_bytes": 0},
         {"stall_timeout": 0},
         {"stall_timeout": -1},
+        {"hello_timeout": 0},
+        {"hello_timeout": float("nan")},
+        {"max_awaiting_hello": 0},
     ],
 )
 def test_settings_validation(kwargs: dict[str, float]) -> None:
@@ -127,6 +132,75 @@ def test_a_connection_past_the_limit_is_refused_at_hello_with_overloaded() -> No
     assert limits.connections == 1
     assert session(store, limits, settings).hello().accepted
     assert limits.connections == 2
+
+
+# -- connections that never say HELLO -----------------------------------------------------
+
+
+def test_a_connection_without_a_hello_is_closed_with_overloaded_after_the_hello_timeout() -> None:
+    settings = SourceSettings(hello_timeout=5.0)
+    limits = SourceLimits.from_settings(settings)
+    silent = session(filled_store(1), limits, settings)
+    silent.session.arrive(100.0)
+    assert silent.session.secured() == []
+    assert limits.awaiting_hello == 1
+    assert silent.session.tick(100.0) == [] and silent.session.tick(104.9) == []
+    silent.absorb(silent.session.tick(105.0))
+    assert silent.close is not None and silent.close.code == ErrorCode.OVERLOADED
+    assert "no HELLO within 5 s of connecting" in silent.close.reason
+    assert silent.session.state is SessionState.CLOSING
+    assert limits.awaiting_hello == 0
+    assert silent.session.tick(200.0) == [], "closed once"
+
+
+def test_a_hello_in_time_ends_the_wait_whatever_the_answer() -> None:
+    settings = SourceSettings(hello_timeout=5.0)
+    limits = SourceLimits.from_settings(settings)
+    store = filled_store(1)
+    accepted, rejected = session(store, limits, settings), session(store, limits, settings)
+    for mirror in (accepted, rejected):
+        mirror.session.arrive(0.0)
+        assert mirror.session.secured() == []
+    assert limits.awaiting_hello == 2
+    assert accepted.hello().accepted
+    assert not rejected.hello(source_database_id="nope").accepted
+    assert limits.awaiting_hello == 0
+    assert accepted.session.tick(60.0) == [] and accepted.close is None
+    accepted.session.release()
+    assert limits.awaiting_hello == 0
+
+
+def test_a_connection_whose_tls_never_completes_is_still_closed_at_its_hello_deadline() -> None:
+    settings = SourceSettings(hello_timeout=2.0)
+    limits = SourceLimits.from_settings(settings)
+    stuck = session(filled_store(1), limits, settings)
+    stuck.session.arrive(10.0)
+    stuck.session.arrive(11.5)  # later datagrams do not move the deadline
+    assert limits.awaiting_hello == 0, "only a secured connection takes a place"
+    assert stuck.session.tick(11.9) == []
+    stuck.absorb(stuck.session.tick(12.0))
+    assert stuck.close is not None and stuck.close.code == ErrorCode.OVERLOADED
+
+
+def test_an_arrival_past_max_awaiting_hello_is_closed_at_once_until_one_says_hello() -> None:
+    settings = SourceSettings(max_awaiting_hello=2)
+    limits = SourceLimits.from_settings(settings)
+    store = filled_store(1)
+    first, second, third = (session(store, limits, settings) for _ in range(3))
+    assert first.session.secured() == [] and second.session.secured() == []
+    third.absorb(third.session.secured())
+    assert third.close is not None and third.close.code == ErrorCode.OVERLOADED
+    assert "2 connections are waiting to send their HELLO" in third.close.reason
+    assert third.session.state is SessionState.CLOSING
+    assert limits.awaiting_hello == 2 and limits.refused_arrivals == 1
+    third.session.release()  # its end gives nothing back
+    assert limits.awaiting_hello == 2
+    assert first.hello().accepted
+    fourth = session(store, limits, settings)
+    assert fourth.session.secured() == []
+    second.session.release()  # a connection that went away before its HELLO
+    assert limits.awaiting_hello == 1
+    assert limits.connections == 1
 
 
 def test_hard_rejections_come_before_the_connection_limit() -> None:

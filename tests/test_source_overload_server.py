@@ -215,3 +215,54 @@ def test_healthy_mirrors_share_a_tight_budget_without_starving(pki: DevPki) -> N
     for entries in results:
         assert [e.lsn for e in entries] == list(range(1, 301))
     assert load == ServerLoad(0, 0, 0) or load.waiting == 0
+
+
+# -- connections that never say HELLO (docs/protocol-notes.md) ----------------------------
+
+
+def test_a_connection_that_never_says_hello_is_closed_with_overloaded(pki: DevPki) -> None:
+    settings = SourceSettings(hello_timeout=0.5)
+    with source_server(pki, settings=settings) as source:
+
+        async def scenario() -> tuple[Any, float, bool]:
+            async with mirror(source, pki) as silent, mirror(source, pki) as healthy:
+                began = time.monotonic()
+                await accepted(healthy)  # said at once: never closed for it
+                closed = await silent.closed(OVERLOAD_WAIT)
+                waited = time.monotonic() - began
+                return closed, waited, healthy.terminated.done()
+
+        closed, waited, healthy_closed = run(scenario(), RUN_TIMEOUT)
+        assert source.load().connections == 0
+    assert closed.error_code == ErrorCode.OVERLOADED and closed.frame_type is None
+    assert "no HELLO within 0.5 s of connecting" in closed.reason_phrase
+    assert waited >= 0.4
+    assert not healthy_closed
+
+
+def test_connections_past_max_awaiting_hello_are_closed_at_once_and_a_mirror_still_connects(
+    pki: DevPki,
+) -> None:
+    settings = SourceSettings(max_awaiting_hello=2, hello_timeout=1.0)
+    with source_server(pki, settings=settings) as source:
+
+        async def scenario() -> tuple[Any, float, Any, Any]:
+            async with mirror(source, pki) as silent, mirror(source, pki):
+                await until(lambda: source.load().awaiting_hello == 2, "two waiting for HELLO")
+                began = time.monotonic()
+                async with mirror(source, pki) as third:
+                    refused = await third.closed(OVERLOAD_WAIT)
+                refused_after = time.monotonic() - began
+                # The two silent ones are closed at their deadline, and leave room.
+                deadline_close = await silent.closed(OVERLOAD_WAIT)
+                await until(lambda: source.load().awaiting_hello == 0, "the silent ones to go")
+            async with mirror(source, pki) as later:
+                ack = await handshake(later, Hello(CLUSTER, "orders"))
+            return refused, refused_after, deadline_close, ack
+
+        refused, refused_after, deadline_close, ack = run(scenario(), RUN_TIMEOUT)
+    assert refused.error_code == ErrorCode.OVERLOADED
+    assert "2 connections are waiting to send their HELLO" in refused.reason_phrase
+    assert refused_after < 1.0, "closed once its TLS handshake completed, not at a deadline"
+    assert deadline_close.error_code == ErrorCode.OVERLOADED
+    assert ack.accepted

@@ -87,6 +87,7 @@ class ServerLoad:
     connections: int  # past an accepted handshake, counted against max_connections
     in_flight: int  # payload bytes in flight across every connection
     waiting: int  # connections queued for the in-flight budget
+    awaiting_hello: int = 0  # secured connections yet to send their HELLO (max_awaiting_hello)
 
 
 @frozen
@@ -138,6 +139,7 @@ class _MirrorConnection(QuicConnectionProtocol):
                 limits=self._server._limits,
             )
             self._server._connections[self.session] = self
+            self.session.arrive(self._event_loop.time())
         super().datagram_received(data, addr)
         self._close_if_delivered()
         self._server._drive_budget()
@@ -194,7 +196,8 @@ class _MirrorConnection(QuicConnectionProtocol):
             self.transmit()
 
     def tick(self, now: float) -> None:
-        if self.session is not None and self._verified:
+        # Unverified sessions too: the HELLO deadline counts from the first datagram.
+        if self.session is not None:
             actions = self.session.tick(now)
             if actions:
                 self._apply(actions)
@@ -281,6 +284,12 @@ class _MirrorConnection(QuicConnectionProtocol):
                 alert, detail = problem
                 log.warning("refused mirror without a valid client certificate: {}", detail)
                 self._refuse(alert, detail)
+                return
+        if self.session is not None:
+            refusal = self.session.secured()
+            if refusal:
+                self._held.clear()
+                self._apply(refusal)
                 return
         log.info("mirror connected")
         self._verified = True
@@ -529,7 +538,9 @@ class SourceServer:
 
         async def collect() -> ServerLoad:
             limits = self._limits
-            return ServerLoad(limits.connections, limits.in_flight, len(limits.waiting()))
+            return ServerLoad(
+                limits.connections, limits.in_flight, len(limits.waiting()), limits.awaiting_hello
+            )
 
         return self._loop_thread.submit(collect()).result(STOP_TIMEOUT_SECONDS)
 

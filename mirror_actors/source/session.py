@@ -44,6 +44,8 @@ DEFAULT_MAX_SUBSCRIPTIONS = 64
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_BUFFERED_BYTES = 1 << 30
 DEFAULT_STALL_TIMEOUT = 60.0
+DEFAULT_HELLO_TIMEOUT = 10.0
+DEFAULT_MAX_AWAITING_HELLO = 256
 
 
 @frozen
@@ -98,6 +100,11 @@ class SourceSettings:
     # Seconds a connection may stay unable to send with bytes in flight and no
     # ACK before it is shed with OVERLOADED.
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    # Seconds a connection may stay without a HELLO before it is closed with
+    # OVERLOADED, and how many may wait for theirs at once (one more is closed at
+    # its first datagram): the slots and memory a peer that never says HELLO holds.
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    max_awaiting_hello: int = DEFAULT_MAX_AWAITING_HELLO
 
     def __attrs_post_init__(self) -> None:
         if self.flow_control_cap <= 0:
@@ -108,6 +115,10 @@ class SourceSettings:
             raise ValueError("max_buffered_bytes must be positive")
         if not self.stall_timeout > 0:
             raise ValueError("stall_timeout must be positive")
+        if not self.hello_timeout > 0:
+            raise ValueError("hello_timeout must be positive")
+        if self.max_awaiting_hello <= 0:
+            raise ValueError("max_awaiting_hello must be positive")
         if not 0 < self.snapshot_chunk_size <= MAX_PAYLOAD - 512:
             raise ValueError(f"snapshot_chunk_size must be in 1..{MAX_PAYLOAD - 512}")
         if not 0 < self.batch_bytes <= MAX_PAYLOAD - ENTRY_FRAME_OVERHEAD:
@@ -124,8 +135,9 @@ class SourceSettings:
 
     @property
     def tick_interval(self) -> float:
-        """How often the shell should call ``SourceSession.tick``: a stall is noticed late by at most this."""
-        return min(1.0, self.stall_timeout / 4)
+        """How often the shell should call ``SourceSession.tick``: a stall, or a HELLO that
+        did not come, is noticed late by at most this."""
+        return min(1.0, self.stall_timeout / 4, self.hello_timeout / 4)
 
 
 class SourceLimits:
@@ -138,17 +150,27 @@ class SourceLimits:
     total can pass the budget by at most one frame.  Loop thread only.
     """
 
-    def __init__(self, max_connections: int, max_buffered_bytes: int) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        max_buffered_bytes: int,
+        max_awaiting_hello: int = DEFAULT_MAX_AWAITING_HELLO,
+    ) -> None:
         self.max_connections = max_connections
         self.max_buffered_bytes = max_buffered_bytes
+        self.max_awaiting_hello = max_awaiting_hello
         self.connections = 0
         self.in_flight = 0
+        self.awaiting_hello = 0
+        self.refused_arrivals = 0  # connections closed at once: too many awaited their HELLO
         # Insertion-ordered: the round-robin queue of sessions waiting for budget.
         self._waiting: dict[SourceSession, None] = {}
 
     @classmethod
     def from_settings(cls, settings: SourceSettings) -> SourceLimits:
-        return cls(settings.max_connections, settings.max_buffered_bytes)
+        return cls(
+            settings.max_connections, settings.max_buffered_bytes, settings.max_awaiting_hello
+        )
 
     @property
     def exhausted(self) -> bool:
@@ -185,6 +207,16 @@ class SourceLimits:
             if actions:
                 out.setdefault(session, []).extend(actions)
         return list(out.items())
+
+    def _arrive(self) -> bool:
+        if self.awaiting_hello >= self.max_awaiting_hello:
+            self.refused_arrivals += 1
+            return False
+        self.awaiting_hello += 1
+        return True
+
+    def _said_hello(self) -> None:
+        self.awaiting_hello = max(0, self.awaiting_hello - 1)
 
     def _admit(self) -> bool:
         if self.connections >= self.max_connections:
@@ -259,9 +291,49 @@ class SourceSession:
         self._released = False
         # When tick() first saw this session unable to send with bytes in flight.
         self._stall_since: float | None = None
+        # When the connection's first datagram came (``arrive``): its HELLO is due from then.
+        self._arrived_at: float | None = None
+        # Whether it holds one of the server's ``max_awaiting_hello`` places (``secured``).
+        self._counted_awaiting = False
         self._log = logger.bind(peer=peer, cluster=cluster_id, database=None)
 
     # -- inputs ------------------------------------------------------------
+
+    def arrive(self, now: float) -> None:
+        """The connection's first datagram, ``now`` on the ``tick`` clock: its HELLO is due
+        ``hello_timeout`` from here, whether or not the TLS handshake ever completes."""
+        if self._arrived_at is None:
+            self._arrived_at = now
+
+    def secured(self) -> list[Action]:
+        """The TLS handshake completed: the connection now waits for its HELLO, or is closed
+        with OVERLOADED if ``max_awaiting_hello`` others already do.
+
+        Not at the first datagram: a close sent in reply to a client's first
+        Initial makes aioquic's client hang until its own timeout, instead of
+        reporting the close.
+        """
+        if self.state is not SessionState.AWAITING_HELLO or self._counted_awaiting:
+            return []
+        if self.limits._arrive():
+            self._counted_awaiting = True
+            return []
+        refused = self.limits.refused_arrivals
+        if refused & (refused - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood logs ~20 lines
+            self._log.warning(
+                "refused a connection: {} others are waiting to send their HELLO "
+                "({} refused so far)",
+                self.limits.max_awaiting_hello,
+                refused,
+            )
+        self.release()
+        return [
+            CloseConnection(
+                ErrorCode.OVERLOADED,
+                f"source overloaded: {self.limits.max_awaiting_hello} connections are waiting "
+                "to send their HELLO; retry later",
+            )
+        ]
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> list[Action]:
         if self.state is SessionState.CLOSING:
@@ -353,7 +425,21 @@ class SourceSession:
         for ``stall_timeout``, is shed with OVERLOADED.  Called every
         ``settings.tick_interval``; the timer starts at the first tick that sees
         the stall.
+
+        A connection that has not sent its HELLO ``hello_timeout`` after it
+        arrived is closed with OVERLOADED, a code a mirror retries.
         """
+        if self._arrived_at is not None and self.state is SessionState.AWAITING_HELLO:
+            waited = now - self._arrived_at
+            if waited < self.settings.hello_timeout:
+                return []
+            detail = (
+                f"no HELLO within {self.settings.hello_timeout:g} s of connecting "
+                f"({waited:.1f} s); a mirror sends it at once"
+            )
+            self._log.warning("closed a mirror connection: {}", detail)
+            self.release()
+            return [CloseConnection(ErrorCode.OVERLOADED, detail)]
         if self.state is not SessionState.ESTABLISHED or not self._stalled_now():
             self._stall_since = None
             return []
@@ -383,6 +469,7 @@ class SourceSession:
         if self._released:
             return
         self._released = True
+        self._stop_awaiting()
         self.limits._release(self, self.in_flight, self._admitted)
         self.state = SessionState.CLOSING
 
@@ -433,7 +520,13 @@ class SourceSession:
             return self._malformed(HANDSHAKE_STREAM_ID, "more than one frame before the HELLO_ACK")
         return self._hello(frame)
 
+    def _stop_awaiting(self) -> None:
+        if self._counted_awaiting:
+            self._counted_awaiting = False
+            self.limits._said_hello()
+
     def _hello(self, hello: Hello) -> list[Action]:
+        self._stop_awaiting()
         rejection = self._check_hello(hello)
         if rejection is not None:
             return self._reject(*rejection, hello.source_database_id)

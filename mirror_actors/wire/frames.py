@@ -578,10 +578,10 @@ class FrameDecoder:
         """Bytes held of a frame not yet complete."""
         return self._pending_size
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | bytearray) -> list[Frame]:
         return [frame for frame, _ in self.feed_with_sizes(data)]
 
-    def feed_with_sizes(self, data: bytes) -> list[tuple[Frame, int]]:
+    def feed_with_sizes(self, data: bytes | bytearray) -> list[tuple[Frame, int]]:
         """Like ``feed``, pairing each frame with its payload length (what ACK ``bytes`` counts)."""
         if self._failure is not None:
             raise MalformedFrame(f"stream already broken: {self._failure.detail}")
