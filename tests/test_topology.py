@@ -301,7 +301,7 @@ WRONG_TYPES = [
     (
         BASE.replace('[{ source = "us-east", database = "orders" }]', '["us-east"]'),
         "mirror[0].links[0]",
-        "expected a table, got str",
+        "expected a table, got 'us-east'",
     ),
     (
         BASE.replace('database = "orders" }', 'database = "orders", idle_timeout = "2" }'),

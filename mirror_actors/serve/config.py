@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 import os
 import re
 import tomllib
@@ -72,6 +71,7 @@ from mirror_actors.topology.spec import (
     identifier_problem,
     resolve_strategy,
 )
+from mirror_actors.topology.tables import FileError, Table, show
 from supervisors import SupervisorStrategy
 
 __all__ = [
@@ -126,14 +126,8 @@ DEFAULT_LINK_SETTINGS: Mapping[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(FileError):
     """A serve file that cannot be used; the message says the file, the key and what was expected."""
-
-    def __init__(self, file: str, key: str, problem: str) -> None:
-        self.file = file
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{file}: {key}: {problem}")
 
 
 # -- shards --------------------------------------------------------------------------
@@ -336,50 +330,10 @@ class ServeConfig:
 # -- parsing ---------------------------------------------------------------------------
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
+class _Table(Table):
+    """A table of a serve file: ``ConfigError``, ids and file names."""
 
-
-class _Table:
-    """Typed access to one TOML table, with errors that say where."""
-
-    def __init__(self, file: str, key: str, data: object, allowed: tuple[str, ...]) -> None:
-        self.file = file
-        self.key = key
-        if not isinstance(data, dict):
-            raise ConfigError(file, key, f"expected a table, got {_show(data)}")
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                file, self.at(unknown[0]), f"unknown key; expected one of {', '.join(allowed)}"
-            )
-        self.data: dict[str, Any] = data
-
-    def at(self, name: str) -> str:
-        return f"{self.key}.{name}" if self.key else name
-
-    def error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.file, self.at(name), problem)
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def get(self, name: str, kind: type | tuple[type, ...], what: str = "") -> Any:
-        if name not in self.data:
-            raise self.error(name, f"missing; expected {what or _kind_name(kind)}")
-        value = self.data[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.error(name, f"expected {what or _kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise self.error(name, f"expected {what or _kind_name(kind)}, got {_show(value)}")
-        return value
-
-    def string(self, name: str, what: str = "a string") -> str:
-        value: str = self.get(name, str, what)
-        return value
+    error_type = ConfigError
 
     def identifier(self, name: str, what: str) -> str:
         value = self.string(name, what)
@@ -388,26 +342,11 @@ class _Table:
             raise self.error(name, f"expected {what}, got {value!r} ({problem})")
         return value
 
-    def seconds(self, name: str) -> float:
-        value = self.get(name, (int, float), "a number of seconds")
-        if not (math.isfinite(value) and value > 0):
-            raise self.error(name, f"expected a number of seconds > 0, got {value!r}")
-        return float(value)
-
     def path(self, name: str, base_dir: Path) -> str:
         value = self.string(name, "a file name")
         if not value or "\x00" in value:
             raise self.error(name, f"expected a file name, got {value!r}")
         return str(_absolute(value, base_dir))
-
-
-def _show(value: object) -> str:
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return f"a list {value!r}" if len(repr(value)) <= 60 else "a list"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _absolute(value: str, base_dir: Path) -> Path:
@@ -440,7 +379,7 @@ def _link_options(table: _Table, base_dir: Path) -> dict[str, Any]:
     if table.has("strategy"):
         options["strategy"] = table.string("strategy", "a strategy name or module:attribute")
     if table.has("strategy_options"):
-        options["strategy_options"] = table.get("strategy_options", dict, "a table of options")
+        options["strategy_options"] = table.get("strategy_options", dict, what="a table of options")
     for name in LINK_TIMEOUTS:
         if table.has(name):
             options[name] = table.seconds(name)
@@ -452,7 +391,7 @@ def _link_options(table: _Table, base_dir: Path) -> dict[str, Any]:
             )
         options["on_divergence"] = value
     if table.has("max_snapshot_bytes"):
-        limit = table.get("max_snapshot_bytes", int, "a number of bytes (an integer)")
+        limit = table.get("max_snapshot_bytes", int, what="a number of bytes (an integer)")
         if limit < 1:
             raise table.error(
                 "max_snapshot_bytes", f"expected a positive number of bytes, got {limit}"
@@ -546,7 +485,7 @@ def parse_config(data: Mapping[str, Any], file: str, base_dir: Path) -> ServeCon
     workers = 1
     if mirror.has("workers"):
         what = f"a number of worker processes, 1..{MAX_WORKERS}"
-        workers = mirror.get("workers", int, what)
+        workers = mirror.get("workers", int, what=what)
         if not 1 <= workers <= MAX_WORKERS:
             raise mirror.error("workers", f"expected {what}, got {workers}")
 
@@ -605,13 +544,13 @@ def _source_links(
                 f"the cluster id is the TLS name checked on the source's certificate unless "
                 f"server_name is set, so expected a DNS name: {error}",
             ) from None
-    databases = source.get("databases", list, "a non-empty list of database ids")
+    databases = source.get("databases", list, what="a non-empty list of database ids")
     if not databases:
         raise source.error("databases", "expected a non-empty list of database ids, got []")
     for database in databases:
         if not isinstance(database, str):
             raise source.error(
-                "databases", f"expected database ids (strings), got {_show(database)}"
+                "databases", f"expected database ids (strings), got {show(database)}"
             )
         problem = _id_problem(database)
         if problem is not None:

@@ -72,6 +72,7 @@ from attrs import field, frozen
 
 from mirror_actors.link.config import DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL
 from mirror_actors.pki import validate_dns_name
+from mirror_actors.topology.tables import FileError, Table
 from supervisors import JitterKind, SupervisorStrategy
 
 FAULT_ACTIONS = (
@@ -112,14 +113,8 @@ def identifier_problem(value: str) -> str | None:
     return None
 
 
-class TopologyError(ValueError):
+class TopologyError(FileError):
     """A topology file that cannot be run; the message says where and what was expected."""
-
-    def __init__(self, file: str, key: str, problem: str) -> None:
-        self.file = file
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{file}: {key}: {problem}")
 
 
 @frozen
@@ -220,37 +215,10 @@ class Topology:
         return [m.link_name(link) for m in self.mirrors for link in m.links]
 
 
-class _Table:
-    """Typed access to one TOML table, with errors that say where."""
+class _Table(Table):
+    """A table of a topology file: ``TopologyError``, numbers, choices, link options."""
 
-    def __init__(self, file: str, key: str, data: object, allowed: tuple[str, ...]) -> None:
-        self.file = file
-        self.key = key
-        if not isinstance(data, dict):
-            raise TopologyError(file, key, f"expected a table, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise TopologyError(
-                file, f"{key}.{unknown[0]}", f"unknown key; expected one of {', '.join(allowed)}"
-            )
-        self.data: dict[str, Any] = data
-
-    def error(self, name: str, problem: str) -> TopologyError:
-        return TopologyError(self.file, f"{self.key}.{name}", problem)
-
-    def get(
-        self, name: str, kind: type | tuple[type, ...], default: Any = ..., what: str = ""
-    ) -> Any:
-        if name not in self.data:
-            if default is ...:
-                raise self.error(name, f"missing; expected {what or _kind_name(kind)}")
-            return default
-        value = self.data[name]
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise self.error(name, f"expected {what or _kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise self.error(name, f"expected {what or _kind_name(kind)}, got {value!r}")
-        return value
+    error_type = TopologyError
 
     def number(self, name: str, default: Any = ..., minimum: float = 0.0) -> Any:
         value = self.get(name, (int, float), default, what="a number")
@@ -291,10 +259,7 @@ class _Table:
         options: dict[str, float | int] = {}
         for name in LINK_TIMEOUTS:
             if name in self.data:
-                value = self.get(name, (int, float), what="a number of seconds")
-                if not (math.isfinite(value) and value > 0):
-                    raise self.error(name, f"expected a number of seconds > 0, got {value!r}")
-                options[name] = float(value)
+                options[name] = self.seconds(name)
         if "max_snapshot_bytes" in self.data:
             limit = self.get("max_snapshot_bytes", int, what="an integer (bytes)")
             if limit < 1:
@@ -307,12 +272,6 @@ class _Table:
     def tables(self, name: str) -> list[Any]:
         value = self.get(name, list, [], what="an array of tables")
         return list(value)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 def load_topology(path: str | Path) -> Topology:
