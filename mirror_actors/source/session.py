@@ -100,9 +100,10 @@ class SourceSettings:
     # Seconds a connection may stay unable to send with bytes in flight and no
     # ACK before it is shed with OVERLOADED.
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
-    # Seconds a connection may stay without a HELLO before it is closed with
-    # OVERLOADED, and how many may wait for theirs at once (one more is closed at
-    # its first datagram): the slots and memory a peer that never says HELLO holds.
+    # Seconds from a connection's first datagram to its HELLO before it is closed
+    # with OVERLOADED, and how many secured connections may wait for theirs at once
+    # (one more is closed once its TLS handshake completes): the memory a peer that
+    # never says HELLO can hold.
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT
     max_awaiting_hello: int = DEFAULT_MAX_AWAITING_HELLO
 
@@ -215,7 +216,7 @@ class SourceLimits:
         self.awaiting_hello += 1
         return True
 
-    def _said_hello(self) -> None:
+    def _stop_awaiting_hello(self) -> None:
         self.awaiting_hello = max(0, self.awaiting_hello - 1)
 
     def _admit(self) -> bool:
@@ -523,7 +524,7 @@ class SourceSession:
     def _stop_awaiting(self) -> None:
         if self._counted_awaiting:
             self._counted_awaiting = False
-            self.limits._said_hello()
+            self.limits._stop_awaiting_hello()
 
     def _hello(self, hello: Hello) -> list[Action]:
         self._stop_awaiting()
